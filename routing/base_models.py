@@ -1,0 +1,50 @@
+"""Loading a base causal LM from a Hugging Face directory, and naming it.
+
+Everything downstream (adapter training, catalogs, the Generator) sees a base model only as a local
+Hugging Face directory; `training.base_model` turns `tiny` / `smollm2` into such a directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+
+
+def base_model_id(path: str | Path) -> str:
+    """A short, stable identity for a base model directory: `<name>@<hash>`.
+
+    Hashes `config.json` and the names and sizes of the weight files rather than the weights
+    themselves, so it costs nothing for an 8B model yet changes whenever the model does. Adapters
+    record it at training time and catalogs refuse adapters trained on another base.
+    """
+    p = Path(path).resolve()
+    config = p / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{p} is not a Hugging Face model directory (no config.json)")
+    h = hashlib.sha256(config.read_bytes())
+    for f in sorted(p.iterdir()):
+        if f.suffix in WEIGHT_SUFFIXES:
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return f"{p.name}@{h.hexdigest()[:12]}"
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Tokenizer set up for batched generation: left padding, and a pad token (EOS when missing)."""
+    tok = AutoTokenizer.from_pretrained(str(path))
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load model and tokenizer in eval mode."""
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+    model.eval()
+    return model, load_tokenizer(path)

@@ -1,0 +1,204 @@
+"""Labelled records and their loaders.
+
+A record is one `{instruction, input, output, domain, task}` example. Four on-disk shapes are accepted
+(JSONL, a JSON list, the Adapters-Selector config `{domain: {task: path}}`, and a directory tree
+`<domain>/<task>/*.jsonl`); every bad record is reported with file, line and field, and a load with
+any error raises `RecordError` listing all of them: rows are never dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Literal
+
+TextMode = Literal["input", "instruction+input"]
+TEXT_MODES: tuple[TextMode, ...] = ("input", "instruction+input")
+REQUIRED = ("input", "output", "domain", "task")
+
+
+@dataclass(frozen=True)
+class Record:
+    instruction: str
+    input: str
+    output: str
+    domain: str
+    task: str
+
+    @property
+    def key(self) -> str:
+        """The catalog's task key, `domain/task`."""
+        return f"{self.domain}/{self.task}"
+
+    def text(self, mode: TextMode = "input") -> str:
+        """What a client would send for this record: the input alone, or instruction and input."""
+        if mode == "input" or not self.instruction:
+            return self.input
+        return f"{self.instruction}\n{self.input}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int | None
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file + (f":{self.line}" if self.line is not None else "")
+        return f"{where}: {self.field + ': ' if self.field else ''}{self.message}"
+
+
+class RecordError(ValueError):
+    """Raised with every problem found, so a user fixes a file in one pass."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        shown = "\n  ".join(str(p) for p in problems[:50])
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        super().__init__(f"{len(problems)} bad record(s):\n  {shown}{more}")
+
+
+def _check(obj: object, file: str, line: int | None, defaults: dict[str, str]) -> tuple[Record | None, list[Problem]]:
+    if not isinstance(obj, dict):
+        return None, [Problem(file, line, None, f"expected a JSON object, got {type(obj).__name__}")]
+    merged = {**defaults, **obj}
+    problems = []
+    for name in REQUIRED + ("instruction",):
+        value = merged.get(name, "" if name == "instruction" else None)
+        if value is None:
+            problems.append(Problem(file, line, name, "missing"))
+        elif not isinstance(value, str):
+            problems.append(Problem(file, line, name, f"expected a string, got {type(value).__name__}"))
+        elif name in ("input", "domain", "task") and not value.strip():
+            problems.append(Problem(file, line, name, "empty"))
+        elif name in ("domain", "task") and "/" in value:
+            problems.append(Problem(file, line, name, f"must not contain '/': {value!r}"))
+    if problems:
+        return None, problems
+    return Record(merged.get("instruction", ""), merged["input"], merged["output"], merged["domain"], merged["task"]), []
+
+
+def _read_jsonl(path: Path, defaults: dict[str, str]) -> tuple[list[Record], list[Problem]]:
+    records, problems = [], []
+    with path.open(encoding="utf-8") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                problems.append(Problem(str(path), n, None, f"malformed JSON: {e.msg} (column {e.colno})"))
+                continue
+            record, bad = _check(obj, str(path), n, defaults)
+            problems += bad
+            if record:
+                records.append(record)
+    return records, problems
+
+
+def _read_json(path: Path) -> tuple[list[Record], list[Problem]]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        return [], [Problem(str(path), e.lineno, None, f"malformed JSON: {e.msg} (column {e.colno})")]
+    if isinstance(obj, list):
+        records, problems = [], []
+        for i, item in enumerate(obj):
+            record, bad = _check(item, f"{path}[{i}]", None, {})
+            problems += bad
+            if record:
+                records.append(record)
+        return records, problems
+    if isinstance(obj, dict) and obj and all(isinstance(v, dict) for v in obj.values()):
+        return _read_as_config(path, obj)
+    return [], [Problem(str(path), None, None, "unknown format: expected a list of records or {domain: {task: path}}")]
+
+
+def _read_as_config(path: Path, config: dict[str, dict]) -> tuple[list[Record], list[Problem]]:
+    """The Adapters-Selector config: `{domain: {task: data path}}`, paths relative to the config file."""
+    records, problems = [], []
+    for domain, tasks in config.items():
+        for task, rel in tasks.items():
+            if not isinstance(rel, str):
+                problems.append(Problem(str(path), None, f"{domain}.{task}", "expected a path string"))
+                continue
+            target = (path.parent / rel).resolve()
+            if not target.exists():
+                problems.append(Problem(str(path), None, f"{domain}.{task}", f"no such file: {target}"))
+                continue
+            got, bad = _load_file(target, {"domain": domain, "task": task})
+            records += got
+            problems += bad
+    return records, problems
+
+
+def _read_tree(root: Path) -> tuple[list[Record], list[Problem]]:
+    """`<root>/<domain>/<task>/*.jsonl`: domain and task default to the folder names."""
+    files = sorted(root.glob("*/*/*.jsonl"))
+    if not files:
+        return [], [Problem(str(root), None, None, "no <domain>/<task>/*.jsonl files under this directory")]
+    records, problems = [], []
+    for f in files:
+        got, bad = _read_jsonl(f, {"domain": f.parent.parent.name, "task": f.parent.name})
+        records += got
+        problems += bad
+    return records, problems
+
+
+def _load_file(path: Path, defaults: dict[str, str]) -> tuple[list[Record], list[Problem]]:
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path, defaults)
+    if path.suffix == ".json":
+        if defaults:  # a data file named by an AS config: a list of records
+            records, problems = _read_json(path)
+            return [Record(r.instruction, r.input, r.output, defaults["domain"], defaults["task"]) for r in records], problems
+        return _read_json(path)
+    return [], [Problem(str(path), None, None, f"unknown format {path.suffix!r}: use .jsonl, .json or a directory")]
+
+
+def load_records(path: str | Path) -> list[Record]:
+    """Load records from any supported shape; raise `RecordError` naming every bad row."""
+    p = Path(path)
+    if not p.exists():
+        raise RecordError([Problem(str(p), None, None, "no such file or directory")])
+    records, problems = _read_tree(p) if p.is_dir() else _load_file(p, {})
+    if problems:
+        raise RecordError(problems)
+    if not records:
+        raise RecordError([Problem(str(p), None, None, "no records")])
+    return records
+
+
+def write_jsonl(records: Iterable[Record], path: str | Path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with p.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(r.to_json() + "\n")
+    return p
+
+
+def group_by_task(records: Iterable[Record]) -> dict[str, list[Record]]:
+    groups: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        groups[r.key].append(r)
+    return dict(sorted(groups.items()))
+
+
+def split_per_task(records: Iterable[Record], fraction: float, seed: int = 0) -> tuple[list[Record], list[Record]]:
+    """Hold out `fraction` of every task (at least one row), deterministically by `seed`."""
+    kept, held = [], []
+    for key, rows in group_by_task(records).items():
+        rows = list(rows)
+        random.Random(f"{seed}:{key}").shuffle(rows)
+        n = max(1, round(len(rows) * fraction))
+        held += rows[:n]
+        kept += rows[n:]
+    return kept, held
