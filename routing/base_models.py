@@ -7,12 +7,34 @@ Hugging Face directory; `training.base_model` turns `tiny` / `smollm2` into such
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+
+
+def cache_root() -> Path:
+    """Where built base models (and other reusable artefacts) live: `$SWITCHBOARD_HOME` or ~/.cache/switchboard."""
+    return Path(os.environ.get("SWITCHBOARD_HOME") or Path.home() / ".cache" / "switchboard")
+
+
+def locate_base_model(model_id: str, override: str | Path | None = None) -> Path:
+    """The directory of the base model a catalog names, checked against its id.
+
+    `override` is an explicit directory; otherwise the model is looked up in the cache, where
+    `training.base_model` writes `tiny` and `smollm2` under the name their id starts with.
+    """
+    path = Path(override) if override else cache_root() / "base" / model_id.split("@", 1)[0]
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"base model {model_id} not found at {path}; build it "
+                                f"(`switchboard demo` / `--base-model`) or pass its directory")
+    found = base_model_id(path)
+    if found != model_id:
+        raise ValueError(f"{path} is base model {found}, but the catalog's adapters were trained on {model_id}")
+    return path
 
 
 def base_model_id(path: str | Path) -> str:

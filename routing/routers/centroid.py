@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import numpy as np
+
+from ..decision import RouteDecision, RouteRequest, softmax
+from .base import Router
+
+
+class CentroidRouter(Router):
+    """LoRAuter: cosine of the query to each task centroid, top-K, softmax with temperature τ."""
+
+    name = "centroid"
+    needs_embedding = True
+
+    def route(self, requests: list[RouteRequest]) -> list[RouteDecision]:
+        if not requests:
+            return []
+        if any(r.embedding is None for r in requests):
+            raise ValueError("centroid routing needs request embeddings")
+        index = self.catalog.index
+        position = {k: i for i, k in enumerate(index.keys)}
+        queries = np.stack([r.embedding for r in requests])
+        k = max(r.top_k for r in requests)
+        exclude = [position.get(r.exclude) for r in requests] if any(r.exclude for r in requests) else None
+        scores, ids = index.search(queries, k, exclude)
+        out = []
+        for r, s, i in zip(requests, scores, ids):
+            s, i = s[: r.top_k], i[: r.top_k]
+            weights = softmax(s, r.temperature)
+            out.append(self._decision([(index.keys[t], w) for t, w in zip(i, weights)], list(s)))
+        return out

@@ -1,0 +1,53 @@
+"""A small gRPC client for the Switchboard service.
+
+    with SwitchboardClient("127.0.0.1:9000") as sb:
+        reply = sb.generate("Shares of Acme (ACM) rose ...", top_k=3)
+        print(reply.text, [(t.task, t.weight) for t in reply.decision.tasks])
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from protos.switchboard.v1 import switchboard_pb2 as pb
+from protos.switchboard.v1 import switchboard_pb2_grpc as pb_grpc
+
+from .app import APP_NAME
+
+
+class SwitchboardClient:
+    def __init__(self, address: str = "127.0.0.1:9000", application: str = APP_NAME, timeout_s: float = 120):
+        self.channel = grpc.insecure_channel(address)
+        self.stub = pb_grpc.SwitchboardStub(self.channel)
+        # Serve's gRPC proxy picks the application by this metadata key.
+        self.metadata = (("application", application),)
+        self.timeout_s = timeout_s
+
+    def _call(self, method, request):
+        return method(request, metadata=self.metadata, timeout=self.timeout_s)
+
+    def generate(self, text: str, *, router: str = "", task: str = "", top_k: int = 0, temperature: float = 0.0,
+                 max_new_tokens: int = 0, stop: list[str] | None = None, base_only: bool = False) -> pb.GenerateResponse:
+        route = pb.RouteOptions(router=router, task=task, top_k=top_k, temperature=temperature)
+        return self._call(self.stub.Generate, pb.GenerateRequest(text=text, route=route, max_new_tokens=max_new_tokens,
+                                                                 stop=stop or [], base_only=base_only))
+
+    def route(self, text: str, *, router: str = "", task: str = "", top_k: int = 0,
+              temperature: float = 0.0) -> pb.RouteResponse:
+        route = pb.RouteOptions(router=router, task=task, top_k=top_k, temperature=temperature)
+        return self._call(self.stub.Route, pb.RouteRequest(text=text, route=route))
+
+    def list_tasks(self) -> pb.ListTasksResponse:
+        return self._call(self.stub.ListTasks, pb.ListTasksRequest())
+
+    def health(self) -> pb.HealthResponse:
+        return self._call(self.stub.Health, pb.HealthRequest())
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "SwitchboardClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,38 @@
+"""The Serve application's arguments: validated once, here, and handed to every deployment.
+
+They come from the `args:` block of the Serve config YAML (`serve_app/serve_config.yaml`), the same
+file `serve run`, `serve deploy`, `switchboard serve` and the KubeRay RayService use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from routing.decision import DEFAULT_TEMPERATURE, MAX_TOP_K
+
+MAX_NEW_TOKENS_LIMIT = 512
+
+
+class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    catalog: str = Field(description="Catalog directory (absolute path: replicas do not share the caller's cwd).")
+    base_model: str | None = Field(None, description="Base model directory; default: the catalog's base model "
+                                                     "found in the Switchboard cache ($SWITCHBOARD_HOME/base).")
+    default_router: str = Field("centroid", description="Router used when a request names none.")
+    default_top_k: int = Field(1, ge=1, le=MAX_TOP_K, description="Adapters fused when a request names no top_k.")
+    temperature: float = Field(DEFAULT_TEMPERATURE, gt=0, description="Routing softmax temperature τ by default.")
+    max_new_tokens: int = Field(32, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="Answer length by default.")
+    max_batch_size: int = Field(16, ge=1, description="Generator batch: requests fused into one forward pass.")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a partial batch waits for more requests.")
+    max_loras: int = Field(16, ge=1, description="Adapters resident in a Generator replica (LRU beyond that).")
+    torch_threads: int = Field(1, ge=1, description="Per replica; replicas share the node's cores.")
+
+    @field_validator("catalog")
+    @classmethod
+    def _catalog_exists(cls, v: str) -> str:
+        if not (Path(v) / "catalog.json").is_file():
+            raise ValueError(f"{v} is not a catalog directory (no catalog.json)")
+        return str(Path(v).resolve())

@@ -1,0 +1,119 @@
+"""The gRPC servicer: validates requests, asks the Router, then the Generator; maps errors to status codes.
+
+Method names match `protos/switchboard/v1/switchboard.proto`; Serve's gRPC proxy calls them with the
+request message and a `grpc_context`. No exception escapes to the client as a traceback: bad input
+is INVALID_ARGUMENT, an unknown task NOT_FOUND, anything else INTERNAL with a request id to look up
+in the replica's log.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import uuid
+
+import grpc
+from ray import serve
+from ray.exceptions import RayTaskError
+from ray.serve.handle import DeploymentHandle
+
+from protos.switchboard.v1 import switchboard_pb2 as pb
+from routing.decision import RouteDecision, RouteRequest
+from routing.routers import UnknownTaskError
+
+from .config import MAX_NEW_TOKENS_LIMIT, AppArgs
+from .generator import GenerationJob
+
+log = logging.getLogger("ray.serve")
+
+
+def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    if isinstance(exc, RayTaskError) and exc.cause is not None:
+        exc = exc.cause
+    if isinstance(exc, UnknownTaskError):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    return None
+
+
+def grpc_errors(empty_response: type):
+    """Turn exceptions into gRPC status codes and an empty response of the method's type."""
+
+    def wrap(method):
+        @functools.wraps(method)
+        async def call(self, request, grpc_context):
+            try:
+                return await method(self, request, grpc_context)
+            except Exception as exc:  # noqa: BLE001 - the boundary where every error becomes a status
+                mapped = _status_for(exc)
+                if mapped is None:
+                    ref = uuid.uuid4().hex[:12]
+                    log.exception("request %s failed", ref)
+                    mapped = grpc.StatusCode.INTERNAL, f"internal error (reference {ref} in the server log)"
+                grpc_context.set_code(mapped[0])
+                grpc_context.set_details(mapped[1])
+                return empty_response()
+
+        return call
+
+    return wrap
+
+
+def _decision_pb(d: RouteDecision) -> pb.RouteDecision:
+    scores = d.scores or (0.0,) * len(d.tasks)
+    return pb.RouteDecision(tasks=[pb.TaskWeight(task=k, weight=w, score=s) for (k, w), s in zip(d.tasks, scores)],
+                            router=d.router, catalog_version=d.catalog_version)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+class Ingress:
+    def __init__(self, args: dict, router: DeploymentHandle, generator: DeploymentHandle):
+        self.cfg = AppArgs(**args)
+        self.router = router
+        self.generator = generator
+
+    async def _route(self, text: str, opts: pb.RouteOptions) -> tuple[RouteDecision, float]:
+        if opts.top_k < 0 or opts.temperature < 0:
+            raise ValueError("top_k and temperature must not be negative")
+        request = RouteRequest(text, top_k=opts.top_k or self.cfg.default_top_k,
+                               temperature=opts.temperature or self.cfg.temperature, task=opts.task or None)
+        name = opts.router or ("fixed" if opts.task else self.cfg.default_router)
+        if name == "fixed" and not opts.task:
+            raise ValueError("the fixed router needs route.task")
+        started = time.perf_counter()
+        decision = await self.router.route.remote(request, name)
+        return decision, 1000 * (time.perf_counter() - started)
+
+    @grpc_errors(pb.GenerateResponse)
+    async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
+        if not 0 <= request.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise ValueError(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS_LIMIT} (0 = default)")
+        decision, route_ms = await self._route(request.text, request.route)
+        job = GenerationJob(request.text, decision, request.max_new_tokens or self.cfg.max_new_tokens,
+                            tuple(s for s in request.stop if s), request.base_only)
+        started = time.perf_counter()
+        out = await self.generator.generate_batch.remote(job)
+        return pb.GenerateResponse(text=out.text, decision=_decision_pb(decision), new_tokens=out.new_tokens,
+                                   finish_reason=out.finish_reason, route_ms=route_ms,
+                                   generate_ms=1000 * (time.perf_counter() - started))
+
+    @grpc_errors(pb.RouteResponse)
+    async def Route(self, request: pb.RouteRequest, grpc_context) -> pb.RouteResponse:
+        decision, route_ms = await self._route(request.text, request.route)
+        return pb.RouteResponse(decision=_decision_pb(decision), route_ms=route_ms)
+
+    @grpc_errors(pb.ListTasksResponse)
+    async def ListTasks(self, request: pb.ListTasksRequest, grpc_context) -> pb.ListTasksResponse:
+        info = await self.router.info.remote()
+        tasks = [pb.Task(key=t["key"], domain=t["domain"], task=t["task"], metric=t["metric"],
+                         has_adapter=t["adapter"] is not None, lora_variant=(t["lora"] or {}).get("variant", ""),
+                         lora_rank=(t["lora"] or {}).get("r", 0)) for t in info["tasks"]]
+        return pb.ListTasksResponse(tasks=tasks, catalog_version=info["version"], base_model=info["base_model"])
+
+    @grpc_errors(pb.HealthResponse)
+    async def Health(self, request: pb.HealthRequest, grpc_context) -> pb.HealthResponse:
+        info = await self.router.info.remote()
+        return pb.HealthResponse(status="SERVING", catalog_version=info["version"], base_model=info["base_model"],
+                                 routers=info["routers"])

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from routing.catalog import Catalog
+from routing.decision import RouteDecision, RouteRequest
+from routing.routers import ROUTERS, Router, make_router
+
+from .config import AppArgs
+
+
+class UnknownRouterError(ValueError):
+    pass
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+class RouterDeployment:
+    """Holds the catalog and its routers; asks the Embedder for embeddings when a router needs them."""
+
+    def __init__(self, args: dict, embedder: DeploymentHandle):
+        cfg = AppArgs(**args)
+        torch.set_num_threads(cfg.torch_threads)
+        self.catalog = Catalog.load(cfg.catalog)
+        self.embedder = embedder
+        self.routers: dict[str, Router] = {}
+        for name in ROUTERS:
+            try:
+                self.routers[name] = make_router(name, self.catalog)
+            except (ValueError, FileNotFoundError):
+                continue  # a trained router this catalog does not carry
+
+    async def route(self, request: RouteRequest, router: str) -> RouteDecision:
+        if router not in self.routers:
+            raise UnknownRouterError(f"unknown router {router!r}; this catalog serves {sorted(self.routers)}")
+        chosen = self.routers[router]
+        if chosen.needs_embedding:
+            embedding = await self.embedder.embed.remote(request.text)
+            request = replace(request, embedding=embedding)
+        return chosen.route([request])[0]
+
+    def info(self) -> dict:
+        c = self.catalog
+        return {"version": c.version, "base_model": (c.base_model or {}).get("id", ""), "routers": sorted(self.routers),
+                "tasks": [{"key": k, **t.__dict__} for k, t in c.tasks.items()]}
