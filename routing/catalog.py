@@ -165,17 +165,21 @@ def content_version(root: Path) -> str:
 
 def write_catalog(out: str | Path, *, tasks: dict[str, TaskEntry], index: TaskIndex, encoder: dict[str, str],
                   base_model: dict[str, str] | None = None, adapter_dirs: dict[str, Path] | None = None,
-                  router_dirs: dict[str, Path] | None = None, parent: str | None = None) -> Catalog:
+                  router_dirs: dict[str, Path] | None = None, parent: str | None = None,
+                  versioned: bool = False) -> Catalog:
     """Write a new catalog directory atomically and return it loaded (and so validated).
 
     `adapter_dirs` / `router_dirs` are copied in (only their safetensors and JSON files), so the
-    catalog owns its bytes. `out` must not exist yet, or be empty: catalogs are never edited.
+    catalog owns its bytes. `out` must not exist yet, or be empty: catalogs are never edited. With
+    `versioned`, `out` is a parent directory and the catalog lands in `out/<version>`; writing the
+    same content twice returns the existing one.
     """
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if not versioned and out.exists() and any(out.iterdir()):
         raise CatalogError(f"{out} already exists and is not empty; catalogs are immutable, write a new directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = out if versioned else out.parent
+    staging.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".new-catalog.", dir=staging))
     try:
         tasks = dict(sorted(tasks.items()))
         for key, src in (adapter_dirs or {}).items():
@@ -192,9 +196,14 @@ def write_catalog(out: str | Path, *, tasks: dict[str, TaskEntry], index: TaskIn
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         manifest["version"] = content_version(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
+        if versioned:
+            out = out / manifest["version"]
+        if versioned and out.exists():
+            shutil.rmtree(tmp)
+        else:
+            if out.exists():
+                out.rmdir()
+            tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

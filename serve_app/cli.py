@@ -1,0 +1,186 @@
+"""`switchboard …`: parse arguments, call one library function, print its JSON as the last stdout line.
+
+Progress and human-readable reports go to stderr; bad input exits with status 2 and a message that
+names the file, line and field (never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError)
+
+
+def emit(result: dict) -> None:
+    """The machine-readable result: always the last line on stdout."""
+    print(json.dumps(result, ensure_ascii=False, default=str), flush=True)
+
+
+def _base_model(spec: str) -> tuple[str, Path]:
+    from training.base_model import resolve_base_model
+
+    return spec, resolve_base_model(spec)
+
+
+def cmd_demo(a: argparse.Namespace) -> dict:
+    from .demo import run_demo
+
+    return run_demo(base_model=a.base_model, workdir=Path(a.workdir), grpc_port=a.grpc_port)
+
+
+def cmd_train_adapter(a: argparse.Namespace) -> dict:
+    from training.adapter import LoraSpec, train_adapters
+    from training.records import load_records
+
+    records = load_records(a.tasks)
+    lora = LoraSpec(variant=a.variant, r=a.r, alpha=a.alpha)
+    name, base = _base_model(a.base_model)
+    done = train_adapters(base, records, Path(a.out), lora=lora, tasks=a.task or None, text_mode=a.text)
+    return {"base_model": name, "adapters": {k: str(p) for k, p in done.items()}}
+
+
+def cmd_catalog_build(a: argparse.Namespace) -> dict:
+    from training.catalog_build import build_catalog
+    from training.records import load_records
+
+    records = load_records(a.tasks)
+    base = _base_model(a.base_model) if a.adapters else None
+    catalog = build_catalog(records, a.out, adapters=a.adapters, base_model=base, text_mode=a.text, per_task=a.per_task)
+    return _catalog_summary(catalog)
+
+
+def _catalog_summary(catalog) -> dict:
+    return {"catalog": str(catalog.root), "version": catalog.version, "base_model": catalog.base_model,
+            "encoder": catalog.encoder, "routers": sorted(catalog.routers), "parent": catalog.parent,
+            "tasks": {k: {"adapter": t.adapter, "lora": t.lora, "metric": t.metric} for k, t in catalog.tasks.items()}}
+
+
+def cmd_catalog_show(a: argparse.Namespace) -> dict:
+    from routing.catalog import Catalog
+
+    return _catalog_summary(Catalog.load(a.catalog))
+
+
+def cmd_eval_routing(a: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
+    from routing.catalog import Catalog
+    from routing.encoder import Encoder
+    from routing.evaluation import evaluate_routing
+    from routing.routers import make_router
+    from training.records import load_records
+
+    catalog = Catalog.load(a.catalog)
+    records = load_records(a.data)
+    unknown = sorted({r.key for r in records} - set(catalog.tasks))
+    if unknown and not a.ood:
+        raise ValueError(f"{a.data}: tasks {unknown} are not in catalog {catalog.version}")
+    mode = a.text or catalog.encoder["text_mode"]
+    router = make_router(a.router, catalog)
+    encoder = Encoder(catalog.encoder["name"], catalog.encoder["prefix"])
+    with tqdm(total=len(records), desc=f"routing ({a.router})", file=sys.stderr) as bar:
+        return evaluate_routing(router, [r.text(mode) for r in records], [r.key for r in records], top_k=a.top_k,
+                                embed=encoder.encode, ood=a.ood, progress=bar.update)
+
+
+def cmd_serve(a: argparse.Namespace) -> dict:
+    import time
+
+    from . import launch
+
+    args = {"catalog": str(Path(a.catalog).resolve())}
+    if a.base_model:
+        args["base_model"] = str(Path(a.base_model).resolve())
+    config = launch.load_config(a.config, args, grpc_port=a.grpc_port, http_port=a.http_port)
+    launch.start(config)
+    print(f"serving catalog {a.catalog} on gRPC port {config['grpc_options']['port']}; Ctrl-C stops", file=sys.stderr)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        launch.stop()
+    return {"stopped": True}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from routing.decision import MAX_TOP_K
+
+    p = argparse.ArgumentParser(prog="switchboard", description="One endpoint for a base LLM and many LoRA adapters.")
+    sub = p.add_subparsers(dest="command", required=True)
+    text = dict(choices=["input", "instruction+input"], help="what a query's text is made of")
+    base = dict(default="tiny", help="tiny | tiny-test | smollm2 | a Hugging Face model directory")
+
+    def command(name: str, fn: Callable, help: str, parent=sub) -> argparse.ArgumentParser:
+        c = parent.add_parser(name, help=help, description=help)
+        c.set_defaults(fn=fn)
+        return c
+
+    c = command("demo", cmd_demo, "corpus, base model, adapters, catalog, Serve app, gRPC evaluation, report")
+    c.add_argument("--base-model", **base)
+    c.add_argument("--workdir", default="runs/demo")
+    c.add_argument("--grpc-port", type=int, default=9000)
+
+    train = sub.add_parser("train", help="train adapters or routers").add_subparsers(dest="what", required=True)
+    c = command("adapter", cmd_train_adapter, "train one LoRA adapter per task into OUT/<domain>/<task>", train)
+    c.add_argument("--tasks", required=True, help="records: JSONL, JSON, AS config or <domain>/<task>/ tree")
+    c.add_argument("--task", action="append", help="only this task key (repeatable); default: every task")
+    c.add_argument("--out", required=True)
+    c.add_argument("--base-model", **base)
+    c.add_argument("--text", default="input", **text)
+    c.add_argument("--variant", default="lora", choices=["lora", "rslora", "dora", "pissa"])
+    c.add_argument("--r", type=int, default=8)
+    c.add_argument("--alpha", type=int, default=16)
+
+    cat = sub.add_parser("catalog", help="build or inspect catalogs").add_subparsers(dest="what", required=True)
+    c = command("build", cmd_catalog_build, "build a catalog (routing-only without --adapters)", cat)
+    c.add_argument("--tasks", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--adapters", help="directory of adapters, <domain>/<task>/ each")
+    c.add_argument("--base-model", **base)
+    c.add_argument("--text", default="input", **text)
+    c.add_argument("--per-task", type=int, help="samples per task for its centroid (default: all)")
+    c = command("show", cmd_catalog_show, "validate a catalog and print its manifest", cat)
+    c.add_argument("catalog")
+
+    c = command("serve", cmd_serve, "run the Serve app (gRPC) on a catalog until Ctrl-C")
+    c.add_argument("--catalog", required=True)
+    c.add_argument("--config", default=None, help="Serve config YAML (default: serve_app/serve_config.yaml)")
+    c.add_argument("--base-model", help="base model directory (default: found in the cache by the catalog's id)")
+    c.add_argument("--grpc-port", type=int)
+    c.add_argument("--http-port", type=int)
+
+    ev = sub.add_parser("eval", help="evaluate routing").add_subparsers(dest="what", required=True)
+    c = command("routing", cmd_eval_routing, "routing accuracy of a router on labelled records", ev)
+    c.add_argument("--catalog", required=True)
+    c.add_argument("--data", required=True)
+    c.add_argument("--router", default="centroid")
+    c.add_argument("--top-k", type=int, default=3, choices=range(1, MAX_TOP_K + 1), metavar=f"1..{MAX_TOP_K}")
+    c.add_argument("--text", **text)
+    c.add_argument("--ood", action="store_true", help="leave each query's own task out of the pool")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "config", "unset") is None:
+        from .launch import DEFAULT_CONFIG
+
+        args.config = DEFAULT_CONFIG
+    try:
+        emit(args.fn(args))
+    except USER_ERRORS as e:
+        print(f"switchboard: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""`switchboard demo`: the whole product in miniature, on one machine, offline.
+
+corpus -> base model -> one adapter per task -> catalog -> Serve app (from the Serve YAML) ->
+every test query over gRPC three ways (bare base, oracle adapter, routed) -> per-task report.
+Every step is cached by content, so a second run only re-serves and re-evaluates.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from routing.metrics import score
+from training.adapter import train_adapters
+from training.base_model import resolve_base_model
+from training.catalog_build import build_catalog
+from training.demo_corpus import demo_records, write_demo_corpus
+from training.records import Record
+
+from . import launch
+from .client import SwitchboardClient
+
+MAX_NEW_TOKENS = 16
+CONCURRENCY = 16   # in-flight requests, so the Generator really batches mixed adapters
+
+
+def _step(n: int, text: str) -> None:
+    print(f"\n[{n}/6] {text}", file=sys.stderr, flush=True)
+
+
+def _ask(client: SwitchboardClient, records: list[Record], desc: str, **kwargs) -> list[tuple[str, str, float]]:
+    """(answer, top-1 routed task, latency ms) per record, CONCURRENCY requests in flight."""
+
+    def one(r: Record) -> tuple[str, str, float]:
+        started = time.perf_counter()
+        extra = {"task": r.key, "router": "fixed"} if kwargs.get("fixed") else {}
+        reply = client.generate(r.input, max_new_tokens=MAX_NEW_TOKENS, stop=["\n"],
+                                base_only=kwargs.get("base_only", False), **extra)
+        return reply.text, reply.decision.tasks[0].task, 1000 * (time.perf_counter() - started)
+
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        return list(tqdm(pool.map(one, records), total=len(records), desc=desc, file=sys.stderr))
+
+
+def run_demo(base_model: str = "tiny", workdir: Path = Path("runs/demo"), grpc_port: int = 9000) -> dict:
+    started = time.perf_counter()
+    workdir = workdir.resolve()
+    _step(1, "demo corpus")
+    paths = write_demo_corpus(workdir / "data")
+    train, val, test = (demo_records(s) for s in ("train", "val", "test"))
+    print(f"  {len({r.key for r in train})} tasks; {len(train)} train / {len(val)} val / {len(test)} test -> {paths['train'].parent}",
+          file=sys.stderr)
+
+    _step(2, f"base model {base_model!r}")
+    base_dir = resolve_base_model(base_model)
+
+    _step(3, "one LoRA adapter per task")
+    adapters = workdir / "adapters" / base_dir.name
+    train_adapters(base_dir, train, adapters)
+
+    _step(4, "catalog (adapters + task index from the validation split)")
+    # The task index is built from the validation split (LoRAuter's task representations).
+    catalog = build_catalog(val, workdir / "catalogs", adapters=adapters, base_model=(base_model, base_dir),
+                            versioned=True)
+    print(f"  catalog {catalog.version} at {catalog.root}", file=sys.stderr)
+
+    _step(5, "Serve app from serve_app/serve_config.yaml (gRPC on loopback)")
+    config = launch.load_config(args={"catalog": str(catalog.root), "base_model": str(base_dir)}, grpc_port=grpc_port)
+    launch.start(config)
+    try:
+        _step(6, f"{len(test)} test queries x 3 over gRPC")
+        with SwitchboardClient(f"127.0.0.1:{grpc_port}") as client:
+            health = client.health()
+            print(f"  {health.status}: catalog {health.catalog_version}, base {health.base_model}", file=sys.stderr)
+            base = _ask(client, test, "bare base", fixed=True, base_only=True)
+            oracle = _ask(client, test, "oracle adapter", fixed=True)
+            routed = _ask(client, test, "routed (centroid)")
+    finally:
+        launch.stop()
+    return _report(test, base, oracle, routed, catalog.version, time.perf_counter() - started)
+
+
+def _report(test: list[Record], base, oracle, routed, version: str, seconds: float) -> dict:
+    per_task: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r, b, o, x in zip(test, base, oracle, routed):
+        row = per_task[r.key]
+        row["base"].append(score("exact", b[0], r.output))
+        row["oracle"].append(score("exact", o[0], r.output))
+        row["routed"].append(score("exact", x[0], r.output))
+        row["route"].append(float(x[1] == r.key))
+    mean = lambda key: float(np.mean([v for row in per_task.values() for v in row[key]]))  # noqa: E731
+    latencies = np.array([x[2] for x in routed])
+    out = sys.stderr
+    print(f"\n{'task':<22}{'base':>8}{'oracle':>8}{'routed':>8}{'route@1':>9}", file=out)
+    for key, row in sorted(per_task.items()):
+        print(f"{key:<22}" + "".join(f"{np.mean(row[c]):>8.2f}" for c in ("base", "oracle", "routed"))
+              + f"{np.mean(row['route']):>9.2f}", file=out)
+    print(f"{'all':<22}{mean('base'):>8.2f}{mean('oracle'):>8.2f}{mean('routed'):>8.2f}{mean('route'):>9.2f}", file=out)
+    print(f"routed request latency over gRPC: p50 {np.percentile(latencies, 50):.0f} ms, "
+          f"p99 {np.percentile(latencies, 99):.0f} ms ({CONCURRENCY} in flight); catalog {version}; "
+          f"demo took {seconds:.0f} s", file=out)
+    return {"tasks": len(per_task), "queries": len(test), "base_acc": round(mean("base"), 4),
+            "oracle_acc": round(mean("oracle"), 4), "routed_acc": round(mean("routed"), 4),
+            "routing_top1": round(mean("route"), 4), "p50_ms": round(float(np.percentile(latencies, 50)), 1),
+            "p99_ms": round(float(np.percentile(latencies, 99)), 1), "grpc": True, "catalog_version": version,
+            "seconds": round(seconds, 1)}

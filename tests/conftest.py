@@ -1,0 +1,55 @@
+"""Shared fixtures. Tests run offline, on CPU, and leave nothing behind outside pytest's temp dirs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_home(tmp_path_factory) -> Path:
+    """Base models, caches and Ray's session files go to a temp dir, unless SWITCHBOARD_HOME is set."""
+    home = Path(os.environ.get("SWITCHBOARD_HOME") or tmp_path_factory.mktemp("switchboard-home"))
+    os.environ["SWITCHBOARD_HOME"] = str(home)
+    # Ray's socket paths must stay short: a short dir under /tmp rather than pytest's deep tmp paths.
+    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="sbray-", dir="/tmp"))
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_base() -> Path:
+    from training.base_model import resolve_base_model
+
+    return resolve_base_model("tiny-test", progress=False)
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    from routing.encoder import shared_encoder
+
+    return shared_encoder()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the test when the real data is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not available at {path}")
+    return path

@@ -1,0 +1,127 @@
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from routing.base_models import base_model_id
+from routing.catalog import Catalog, CatalogError, TaskEntry, write_catalog
+from routing.task_index import TaskIndex
+from routing.templates import DEFAULT_TEMPLATE
+
+ENCODER = {"name": "test", "prefix": "", "text_mode": "input"}
+
+
+def _base(path, hidden=32):
+    cfg = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def _adapter(base_dir, out, base_id=None):
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir), LoraConfig(r=2, target_modules=["q_proj"]))
+    model.peft_config["default"].base_model_name_or_path = base_id or base_model_id(base_dir)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def parts(tmp_path):
+    base = _base(tmp_path / "base")
+    adapters = {k: _adapter(base, tmp_path / "src" / k) for k in ("fin/a", "med/b")}
+    tasks = {k: TaskEntry(*k.split("/"), DEFAULT_TEMPLATE) for k in adapters}
+    index = TaskIndex.from_embeddings(np.eye(4, dtype=np.float32), ["fin/a", "fin/a", "med/b", "med/b"])
+    return base, adapters, tasks, index
+
+
+def _write(tmp_path, parts, name="cat"):
+    base, adapters, tasks, index = parts
+    return write_catalog(tmp_path / name, tasks=tasks, index=index, encoder=ENCODER,
+                         base_model={"name": "t", "id": base_model_id(base)}, adapter_dirs=adapters)
+
+
+def _edit_manifest(root, fn):
+    m = json.loads((root / "catalog.json").read_text())
+    fn(m)
+    (root / "catalog.json").write_text(json.dumps(m))
+
+
+def test_roundtrip_and_content_version(tmp_path, parts):
+    cat = _write(tmp_path, parts)
+    again = Catalog.load(cat.root)
+    assert again.version == cat.version and again.keys == ["fin/a", "med/b"]
+    assert (again.adapter_path("fin/a") / "adapter_model.safetensors").is_file()
+    assert _write(tmp_path, parts, "cat2").version == cat.version  # same content, same version
+
+
+def test_catalogs_are_immutable(tmp_path, parts):
+    cat = _write(tmp_path, parts)
+    with pytest.raises(CatalogError, match="immutable"):
+        _write(tmp_path, parts)
+    with (cat.adapter_path("fin/a") / "adapter_model.safetensors").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(CatalogError, match="does not match version"):
+        Catalog.load(cat.root)
+
+
+def test_versioned_write_reuses_identical_catalog(tmp_path, parts):
+    base, adapters, tasks, index = parts
+    kw = dict(tasks=tasks, index=index, encoder=ENCODER, base_model={"name": "t", "id": base_model_id(base)},
+              adapter_dirs=adapters, versioned=True)
+    a, b = write_catalog(tmp_path / "cats", **kw), write_catalog(tmp_path / "cats", **kw)
+    assert a.root == b.root == tmp_path / "cats" / a.version
+    assert [p.name for p in (tmp_path / "cats").iterdir()] == [a.version]
+
+
+@pytest.mark.parametrize("path", ["../outside", "/etc", "adapters/../../x"])
+def test_refuses_paths_out_of_the_catalog(tmp_path, parts, path):
+    cat = _write(tmp_path, parts)
+    _edit_manifest(cat.root, lambda m: m["tasks"]["fin/a"].update(adapter=path))
+    with pytest.raises(CatalogError, match="inside the catalog"):
+        Catalog.load(cat.root, verify=False)
+
+
+def test_refuses_symlink_out(tmp_path, parts):
+    cat = _write(tmp_path, parts)
+    target = cat.adapter_path("fin/a")
+    outside = tmp_path / "elsewhere"
+    shutil.move(target, outside)
+    os.symlink(outside, target)
+    with pytest.raises(CatalogError, match="outside the catalog"):
+        Catalog.load(cat.root, verify=False)
+
+
+def test_refuses_pickled_adapter(tmp_path, parts):
+    cat = _write(tmp_path, parts)
+    (cat.adapter_path("med/b") / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(CatalogError, match="pickled weights"):
+        Catalog.load(cat.root, verify=False)
+    base, adapters, tasks, index = parts
+    (adapters["fin/a"] / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(CatalogError, match="only safetensors"):
+        _write(tmp_path, parts, "other")
+
+
+def test_refuses_adapter_of_another_base(tmp_path, parts):
+    base, adapters, tasks, index = parts
+    other = _base(tmp_path / "other-base", hidden=48)
+    adapters = {**adapters, "med/b": _adapter(other, tmp_path / "src2")}
+    with pytest.raises(CatalogError, match=r"med/b: adapter .* trained on base model 'other-base@"):
+        write_catalog(tmp_path / "cat", tasks=tasks, index=index, encoder=ENCODER,
+                      base_model={"name": "t", "id": base_model_id(base)}, adapter_dirs=adapters)
+
+
+def test_refuses_index_task_mismatch_and_bad_manifest(tmp_path, parts):
+    cat = _write(tmp_path, parts)
+    _edit_manifest(cat.root, lambda m: m["tasks"].pop("med/b"))
+    with pytest.raises(CatalogError, match="task index covers"):
+        Catalog.load(cat.root, verify=False)
+    (cat.root / "catalog.json").write_text("{")
+    with pytest.raises(CatalogError, match="malformed JSON"):
+        Catalog.load(cat.root)
+    with pytest.raises(CatalogError, match="not a catalog"):
+        Catalog.load(tmp_path)

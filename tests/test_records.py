@@ -1,0 +1,87 @@
+import json
+
+import pytest
+
+from training.records import Record, RecordError, load_records, split_per_task, write_jsonl
+
+GOOD = {"instruction": "Say it", "input": "hello", "output": "hi", "domain": "fin", "task": "greet"}
+
+
+def _lines(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_jsonl_roundtrip(tmp_path):
+    records = [Record(**GOOD), Record(**{**GOOD, "input": "bye", "task": "part"})]
+    assert load_records(write_jsonl(records, tmp_path / "r.jsonl")) == records
+
+
+@pytest.mark.parametrize("row, field, message", [
+    ("{not json", None, "malformed JSON"),
+    ({k: v for k, v in GOOD.items() if k != "output"}, "output", "missing"),
+    ({**GOOD, "input": "", "instruction": ""}, "input", "empty"),
+    ({**GOOD, "task": 3}, "task", "expected a string"),
+    ({**GOOD, "domain": "a/b"}, "domain", "must not contain"),
+    ([1, 2], None, "expected a JSON object"),
+])
+def test_bad_rows_report_file_line_and_field(tmp_path, row, field, message):
+    path = _lines(tmp_path / "bad.jsonl", [GOOD, row, GOOD])
+    with pytest.raises(RecordError) as err:
+        load_records(path)
+    (problem,) = err.value.problems
+    assert (problem.file, problem.line, problem.field) == (str(path), 2, field)
+    assert message in problem.message and f"{path}:2" in str(err.value)
+
+
+def test_all_problems_reported_together(tmp_path):
+    path = _lines(tmp_path / "bad.jsonl", ["{", {**GOOD, "task": None}, GOOD, "[]"])
+    with pytest.raises(RecordError) as err:
+        load_records(path)
+    assert [p.line for p in err.value.problems] == [1, 2, 4]
+
+
+def test_empty_input_with_instruction_is_valid_and_routes_on_instruction(tmp_path):
+    (record,) = load_records(_lines(tmp_path / "r.jsonl", [{**GOOD, "input": ""}]))
+    assert record.text("input") == "Say it" and record.text("instruction+input") == "Say it"
+
+
+def test_json_list_names_the_bad_element(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps([GOOD, {**GOOD, "output": 5}]))
+    with pytest.raises(RecordError, match=r"r\.json\[1\]: output: expected a string"):
+        load_records(path)
+
+
+def test_as_config_and_directory_tree(tmp_path):
+    _lines(tmp_path / "a.jsonl", [{k: v for k, v in GOOD.items() if k not in ("domain", "task")}])
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"legal": {"cases": "a.jsonl"}}))
+    assert [r.key for r in load_records(config)] == ["legal/cases"]
+
+    tree = tmp_path / "tree"
+    (tree / "med" / "qa").mkdir(parents=True)
+    _lines(tree / "med" / "qa" / "train.jsonl", [{"input": "x", "output": "y"}])
+    assert [r.key for r in load_records(tree)] == ["med/qa"]
+
+
+def test_as_config_missing_file_and_unknown_format(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"legal": {"cases": "nope.jsonl"}}))
+    with pytest.raises(RecordError, match="legal.cases: no such file"):
+        load_records(config)
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(RecordError, match="unknown format '.csv'"):
+        load_records(tmp_path / "data.csv")
+    (tmp_path / "obj.json").write_text(json.dumps({"input": "x"}))
+    with pytest.raises(RecordError, match="unknown format"):
+        load_records(tmp_path / "obj.json")
+    with pytest.raises(RecordError, match="no such file"):
+        load_records(tmp_path / "absent.jsonl")
+
+
+def test_split_per_task_is_deterministic_and_disjoint():
+    records = [Record("", f"q{i}", "a", "fin", f"t{i % 3}") for i in range(60)]
+    kept, held = split_per_task(records, 0.1, seed=7)
+    assert len(held) == 6 and not set(kept) & set(held)
+    assert split_per_task(records, 0.1, seed=7) == (kept, held)
