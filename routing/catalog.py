@@ -221,3 +221,22 @@ def _copy_artefact(src: Path, dst: Path) -> None:
     for f in src.iterdir():
         if f.is_file() and f.suffix in (".safetensors", ".json", ".txt", ".model", ".jinja"):
             shutil.copy2(f, dst / f.name)
+
+
+def derive_catalog(base: Catalog, out: str | Path, *, router_dirs: dict[str, Path] | None = None,
+                   tasks: dict[str, TaskEntry] | None = None, index: TaskIndex | None = None,
+                   adapter_dirs: dict[str, Path] | None = None, versioned: bool = False) -> Catalog:
+    """A new catalog version from `base`: same content except what is given, `parent` = base's version.
+
+    `router_dirs` adds or replaces trained routers; `tasks`/`index`/`adapter_dirs` replace the task
+    set (adapters of kept tasks are carried over from `base` unless given).
+    """
+    tasks = dict(tasks if tasks is not None else base.tasks)
+    adapters = {k: base.adapter_path(k) for k in tasks if k in base.tasks and base.tasks[k].adapter}
+    adapters.update(adapter_dirs or {})
+    routers = {name: base.router_path(name) for name in base.routers}
+    routers.update(router_dirs or {})
+    return write_catalog(out, tasks={k: TaskEntry(**{**asdict(t), "adapter": None}) for k, t in tasks.items()},
+                         index=index if index is not None else base.index, encoder=base.encoder,
+                         base_model=base.base_model, adapter_dirs=adapters, router_dirs=routers,
+                         parent=base.version, versioned=versioned)

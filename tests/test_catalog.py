@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from routing.base_models import base_model_id
-from routing.catalog import Catalog, CatalogError, TaskEntry, write_catalog
+from routing.catalog import Catalog, CatalogError, TaskEntry, derive_catalog, write_catalog
 from routing.task_index import TaskIndex
 from routing.templates import DEFAULT_TEMPLATE
 
@@ -125,3 +125,16 @@ def test_refuses_index_task_mismatch_and_bad_manifest(tmp_path, parts):
         Catalog.load(cat.root)
     with pytest.raises(CatalogError, match="not a catalog"):
         Catalog.load(tmp_path)
+
+
+def test_derive_adds_a_router_as_a_new_version(tmp_path, parts):
+    cat = _write(tmp_path, parts)
+    router = tmp_path / "router"
+    router.mkdir()
+    (router / "config.json").write_text("{}")
+    child = derive_catalog(cat, tmp_path / "child", router_dirs={"classifier": router})
+    assert child.parent == cat.version and child.version != cat.version
+    assert child.router_path("classifier").joinpath("config.json").is_file()
+    assert child.keys == cat.keys and child.adapter_path("fin/a").joinpath("adapter_model.safetensors").is_file()
+    with pytest.raises(CatalogError, match="no trained 'selector' router"):
+        child.router_path("selector")
