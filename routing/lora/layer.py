@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from routing.lora.backend import LoraBackend, get_backend
 
@@ -41,7 +42,7 @@ class FusedLoraLinear(nn.Module):
     """
 
     def __init__(self, base: nn.Linear, max_loras: int, max_rank: int, routing: RoutingState,
-                 backend: LoraBackend | None = None):
+                 backend: LoraBackend | None = None, cache_prepared: bool = True):
         super().__init__()
         if max_loras < 1 or max_rank < 1:
             raise ValueError(f"max_loras and max_rank must be >= 1, got {max_loras}, {max_rank}")
@@ -56,6 +57,9 @@ class FusedLoraLinear(nn.Module):
                              persistent=False)
         self.routing = routing
         self.backend = backend if backend is not None else get_backend(w.device)
+        # The backend's per-batch gather, kept across decoding steps: B*K*max_rank*(in+out) elements
+        # per layer while a batch runs. cache_prepared=False re-gathers every step instead.
+        self.cache_prepared = cache_prepared
         self._prepared: object = None
         self._prepared_version = -1
 
@@ -95,21 +99,25 @@ class FusedLoraLinear(nn.Module):
             raise IndexError(f"slot {slot} out of range [0, {self.max_loras})")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)  # (B, T, out)
+        base = self.base
+        # a plain nn.Linear is called functionally (skips module-call overhead on every step)
+        y = F.linear(x, base.weight, base.bias) if type(base) is nn.Linear else base(x)  # (B, T, out)
         state = self.routing
         if state.indices is None:
             return y
         if x.shape[0] != state.indices.shape[0]:
             raise RuntimeError(f"batch has {x.shape[0]} rows but the routing state has "
                                f"{state.indices.shape[0]}: set routing for exactly this batch")
-        if self._prepared_version != state.version:
-            self._prepared = self.backend.prepare(self.lora_a, self.lora_b, self.lora_scale,
-                                                  state.indices, state.weights)
-            self._prepared_version = state.version
+        if self._prepared_version == state.version:
+            prepared = self._prepared
+        else:
+            prepared = self.backend.prepare(self.lora_a, self.lora_b, self.lora_scale, state.indices, state.weights)
+            if self.cache_prepared:
+                self._prepared, self._prepared_version = prepared, state.version
         lead = x.shape[:-1]
         x3 = x.reshape(x.shape[0], -1, self.in_features)  # (B, T, in)
         y3 = y.view(y.shape[0], -1, self.out_features)  # (B, T, out), a view: updated in place
-        self.backend.apply(y3, x3, self._prepared)
+        self.backend.apply(y3, x3, prepared)
         return y3.view(*lead, self.out_features)
 
     def release(self) -> None:

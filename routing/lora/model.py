@@ -69,10 +69,14 @@ class FusedLoraModel(nn.Module):
         max_rank: slot rank; adapters with smaller ranks are zero-padded (exact).
         target_modules: module-name suffixes to fuse; an adapter may target any subset.
         backend: the `LoraBackend`; default `get_backend(device of the model)`.
+        cache_prepared: keep each layer's gathered per-row stacks for the whole batch (one gather
+            per `generate` instead of one per step); costs B*K*max_rank*(in+out) elements per layer
+            while the batch runs. Memory: the slots themselves are max_loras*max_rank*(in+out) per layer.
     """
 
     def __init__(self, model: nn.Module, max_loras: int = 8, max_rank: int = 16,
-                 target_modules: Sequence[str] = DEFAULT_TARGET_MODULES, backend: LoraBackend | None = None):
+                 target_modules: Sequence[str] = DEFAULT_TARGET_MODULES, backend: LoraBackend | None = None,
+                 cache_prepared: bool = True):
         super().__init__()
         self.model = model
         self.max_loras, self.max_rank = max_loras, max_rank
@@ -86,7 +90,7 @@ class FusedLoraModel(nn.Module):
         if not targets:
             raise ValueError(f"no nn.Linear in the model ends in any of {self.target_modules}")
         for name, linear in targets:
-            fused = FusedLoraLinear(linear, max_loras, max_rank, self.routing_state, self.backend)
+            fused = FusedLoraLinear(linear, max_loras, max_rank, self.routing_state, self.backend, cache_prepared)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, fused)
             self.layers[name] = fused
