@@ -219,7 +219,7 @@ def _copy_artefact(src: Path, dst: Path) -> None:
         raise CatalogError(f"{src} holds pickled weights {pickled}; only safetensors are accepted")
     dst.mkdir(parents=True)
     for f in src.iterdir():
-        if f.is_file() and f.suffix in (".safetensors", ".json", ".txt", ".model", ".jinja"):
+        if f.is_file() and f.suffix in (".safetensors", ".json", ".jsonl", ".txt", ".model", ".jinja"):
             shutil.copy2(f, dst / f.name)
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,7 @@ class Generator:
         self.fused = FusedLoraModel(model, max_loras=cfg.max_loras, max_rank=max(ranks, default=1))
         self.store = AdapterStore(self.fused, {k: self.catalog.adapter_path(k) for k, t in self.catalog.tasks.items()
                                                if t.adapter is not None})
+        self.lock = threading.Lock()
         self.generate_batch.set_max_batch_size(cfg.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
@@ -51,12 +53,33 @@ class Generator:
             return []
         return [(k, w) for k, w in job.decision.tasks if self.catalog.tasks[k].adapter is not None]
 
+    def _sub_batches(self, routes: list[list[tuple[str, float]]]) -> list[list[int]]:
+        """Row groups whose distinct adapters fit the resident slots (K-way fusions can overflow them)."""
+        groups: list[tuple[list[int], set[str]]] = []
+        for row, route in enumerate(routes):
+            need = {k for k, _ in route}
+            for rows, names in groups:
+                if len(names | need) <= self.store.capacity:
+                    rows.append(row)
+                    names |= need
+                    break
+            else:
+                groups.append(([row], need))
+        return [rows for rows, _ in groups]
+
     def _run(self, jobs: list[GenerationJob]) -> list[Generation]:
         prompts = [render(self.catalog.tasks[j.decision.top].template, j.text) for j in jobs]
         routes = [self._routes(j) for j in jobs]
-        self.store.ensure(sorted({k for r in routes for k, _ in r}))
-        return generate(self.fused, self.tokenizer, prompts, routes, max_new_tokens=[j.max_new_tokens for j in jobs],
-                        stop=[list(j.stop) for j in jobs])
+        out: list[Generation | None] = [None] * len(jobs)
+        with self.lock:  # the store and the layers' routing state serve one batch at a time
+            for rows in self._sub_batches(routes):
+                self.store.ensure(sorted({k for i in rows for k, _ in routes[i]}))
+                done = generate(self.fused, self.tokenizer, [prompts[i] for i in rows], [routes[i] for i in rows],
+                                max_new_tokens=[jobs[i].max_new_tokens for i in rows],
+                                stop=[list(jobs[i].stop) for i in rows])
+                for i, g in zip(rows, done):
+                    out[i] = g
+        return out
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def generate_batch(self, jobs: list[GenerationJob]) -> list[Generation]:

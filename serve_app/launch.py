@@ -44,7 +44,9 @@ def start(config: dict, timeout_s: float = 600) -> None:
         # Replicas import serve_app/routing/protos: make sure they find this checkout.
         root = str(Path(__file__).resolve().parent.parent)
         env = {"env_vars": {"PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-                            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+                            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                            # idle OpenMP threads sleep instead of spinning on cores other replicas need
+                            "OMP_WAIT_POLICY": "PASSIVE"}}
         ray.init(namespace="serve", runtime_env=env, include_dashboard=False, log_to_driver=False)
     client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
                                    grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),

@@ -21,19 +21,24 @@ class UnknownRouterError(ValueError):
 class RouterDeployment:
     """Holds the catalog and its routers; asks the Embedder for embeddings when a router needs them."""
 
-    def __init__(self, args: dict, embedder: DeploymentHandle):
+    def __init__(self, args: dict, embedder: DeploymentHandle, selector: DeploymentHandle | None = None):
         cfg = AppArgs(**args)
         torch.set_num_threads(cfg.torch_threads)
         self.catalog = Catalog.load(cfg.catalog)
         self.embedder = embedder
+        self.selector = selector  # the selector LM lives on its own deployment
         self.routers: dict[str, Router] = {}
         for name in ROUTERS:
+            if name == "selector":
+                continue
             try:
                 self.routers[name] = make_router(name, self.catalog)
             except (ValueError, FileNotFoundError):
                 continue  # a trained router this catalog does not carry
 
     async def route(self, request: RouteRequest, router: str) -> RouteDecision:
+        if router == "selector" and self.selector is not None:
+            return await self.selector.route.remote(request)
         if router not in self.routers:
             raise UnknownRouterError(f"unknown router {router!r}; this catalog serves {sorted(self.routers)}")
         chosen = self.routers[router]
@@ -44,5 +49,5 @@ class RouterDeployment:
 
     def info(self) -> dict:
         c = self.catalog
-        return {"version": c.version, "base_model": (c.base_model or {}).get("id", ""), "routers": sorted(self.routers),
+        return {"version": c.version, "base_model": (c.base_model or {}).get("id", ""), "routers": sorted([*self.routers, *(["selector"] if self.selector else [])]),
                 "tasks": [{"key": k, **t.__dict__} for k, t in c.tasks.items()]}

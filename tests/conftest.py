@@ -41,15 +41,26 @@ def encoder():
     return shared_encoder()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="session")
+def free_port():
+    """A function returning a loopback port nobody listens on."""
+
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return pick
 
 
-def shared_data(*parts: str) -> Path:
-    """A path under ../shared/data, or skip the test when the real data is absent."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"real data not available at {path}")
-    return path
+@pytest.fixture(scope="session")
+def shared_data():
+    """A function giving a path under ../shared/data, or skipping the test when the real data is absent."""
+
+    def find(*parts: str) -> Path:
+        path = SHARED_DATA.joinpath(*parts)
+        if not path.exists():
+            pytest.skip(f"real data not available at {path}")
+        return path
+
+    return find

@@ -23,6 +23,7 @@ TASKS = {
                         "The defendant breached the contract by failing to deliver.",
                         "The court dismissed the appeal for lack of jurisdiction."],
 }
+TRAINING_FREE = ["centroid", "fixed"]
 QUERIES = [("Stock prices dropped after the earnings report.", "fin/stocks"),
            ("The patient has a high fever and a sore throat.", "med/symptoms"),
            ("The lease obliges the landlord to repair the roof.", "legal/contracts")]
@@ -44,14 +45,26 @@ def _requests(encoder, router, **kw):
             for (q, k), e in zip(QUERIES, emb)]
 
 
-@pytest.mark.parametrize("name", sorted(ROUTERS))
-def test_every_router_answers_valid_decisions(catalog, encoder, name):
+def assert_valid_decisions(decisions, router, catalog):
+    for d in decisions:
+        assert d.router == router.name and d.catalog_version == catalog.version
+        assert abs(sum(w for _, w in d.tasks) - 1) < 1e-5 and all(k in catalog.tasks for k, _ in d.tasks)
+        assert len({k for k, _ in d.tasks}) == len(d.tasks)
+
+
+@pytest.mark.parametrize("name", TRAINING_FREE)
+def test_training_free_routers_answer_valid_decisions(catalog, encoder, name):
+    """Trained routers (selector, classifier) run the same checks in their own test files."""
     router = make_router(name, catalog)
     decisions = router.route(_requests(encoder, router))
     assert [d.top for d in decisions] == [k for _, k in QUERIES]
-    for d in decisions:
-        assert d.router == name and d.catalog_version == catalog.version
-        assert abs(sum(w for _, w in d.tasks) - 1) < 1e-6 and all(k in catalog.tasks for k, _ in d.tasks)
+    assert_valid_decisions(decisions, router, catalog)
+
+
+def test_trained_routers_are_refused_without_their_artefact(catalog):
+    for name in sorted(set(ROUTERS) - set(TRAINING_FREE)):
+        with pytest.raises(ValueError, match=f"no trained {name!r} router"):
+            make_router(name, catalog)
 
 
 def test_centroid_top_k_softmax_temperature(catalog, encoder):

@@ -9,8 +9,9 @@ from ..catalog import Catalog
 from .base import Router, UnknownTaskError
 from .centroid import CentroidRouter
 from .fixed import FixedRouter
+from .selector import SelectorRouter
 
-ROUTERS: dict[str, type[Router]] = {r.name: r for r in (CentroidRouter, FixedRouter)}
+ROUTERS: dict[str, type[Router]] = {r.name: r for r in (CentroidRouter, FixedRouter, SelectorRouter)}
 
 
 def make_router(name: str, catalog: Catalog) -> Router:

@@ -1,0 +1,87 @@
+"""The real Serve app (from serve_app/serve_config.yaml) on loopback, reached by the real gRPC client."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from serve_app import launch
+from serve_app.client import SwitchboardClient
+from training.adapter import TrainSpec, train_adapters
+from training.catalog_build import build_catalog
+from training.demo_corpus import demo_records
+
+KEYS = ("fin/sentiment", "legal/plaintiff", "med/dose")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_base, free_port):
+    work = tmp_path_factory.mktemp("serve")
+    pick = lambda split: [r for r in demo_records(split) if r.key in KEYS]  # noqa: E731
+    adapters = work / "adapters"
+    train_adapters(tiny_base, pick("train"), adapters, train=TrainSpec(max_steps=20), progress=False)
+    catalog = build_catalog(pick("val"), work / "catalog", adapters=adapters, base_model=("tiny-test", tiny_base))
+    port = free_port()
+    config = launch.load_config(args={"catalog": str(catalog.root), "max_new_tokens": 8}, grpc_port=port,
+                                http_port=free_port())
+    launch.start(config)
+    try:
+        with SwitchboardClient(f"127.0.0.1:{port}") as client:
+            yield client, catalog, pick("test")
+    finally:
+        launch.stop()
+
+
+def test_health_and_list_tasks(served):
+    client, catalog, _ = served
+    health = client.health()
+    assert health.status == "SERVING" and health.catalog_version == catalog.version
+    assert {"centroid", "fixed"} <= set(health.routers)
+    listed = client.list_tasks()
+    assert [t.key for t in listed.tasks] == sorted(KEYS) and listed.base_model == catalog.base_model["id"]
+    assert all(t.has_adapter and t.lora_rank == 8 and t.lora_variant == "lora" for t in listed.tasks)
+
+
+def test_route_top_k_weights(served):
+    client, catalog, test = served
+    reply = client.route(test[0].input, top_k=3, temperature=0.5)
+    tasks = reply.decision.tasks
+    assert len(tasks) == 3 and abs(sum(t.weight for t in tasks) - 1) < 1e-5
+    assert reply.decision.router == "centroid" and reply.decision.catalog_version == catalog.version
+
+
+def test_generate_routed_fixed_and_base_only(served):
+    client, _, test = served
+    record = test[0]
+    routed = client.generate(record.input, max_new_tokens=4)
+    assert routed.decision.tasks[0].task in KEYS and 1 <= routed.new_tokens <= 4
+    fixed = client.generate(record.input, task="med/dose", max_new_tokens=4)
+    assert [(t.task, t.weight) for t in fixed.decision.tasks] == [("med/dose", 1.0)] and fixed.decision.router == "fixed"
+    base = client.generate(record.input, task=record.key, base_only=True, max_new_tokens=4)
+    assert base.finish_reason in {"eos", "length", "stop"}
+
+
+def test_concurrent_mixed_requests_batch_and_agree_with_single_requests(served):
+    client, _, test = served
+    jobs = [(r.input, key) for r in test[:4] for key in KEYS]
+    alone = [client.generate(text, task=key, max_new_tokens=6).text for text, key in jobs[:3]]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(lambda j: client.generate(j[0], task=j[1], max_new_tokens=6).text, jobs))
+    assert together[:3] == alone
+
+
+@pytest.mark.parametrize("kwargs, code, message", [
+    (dict(text=" "), grpc.StatusCode.INVALID_ARGUMENT, "text is empty"),
+    (dict(top_k=9), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+    (dict(max_new_tokens=100000), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+    (dict(task="fin/nope"), grpc.StatusCode.NOT_FOUND, "unknown task 'fin/nope'"),
+    (dict(router="oracle"), grpc.StatusCode.INVALID_ARGUMENT, "unknown router 'oracle'"),
+    (dict(router="fixed"), grpc.StatusCode.INVALID_ARGUMENT, "needs route.task"),
+])
+def test_bad_requests_get_status_codes_not_tracebacks(served, kwargs, code, message):
+    client, _, _ = served
+    text = kwargs.pop("text", "The patient weighs 7 kg.")
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate(text, **kwargs)
+    assert err.value.code() == code
+    assert message in err.value.details() and "Traceback" not in err.value.details()
