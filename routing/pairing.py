@@ -1,0 +1,60 @@
+"""Successive Halving: pair a task with its best adapter from a pool (LoRAuter §3.2, Algorithm 1).
+
+Every round scores the surviving candidates on a fresh sample of the task's validation set, keeps the
+top fraction `keep`, and grows the sample by `growth` after `warmup` rounds, until one is left. The
+caller's `score` sees all survivors and the round's samples at once, so it can evaluate them as one
+mixed multi-adapter batch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+Score = Callable[[list[str], list[int]], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class HalvingConfig:
+    base_samples: int = 4      # m: validation samples per candidate in the first rounds
+    keep: float = 0.5          # η: fraction of candidates kept each round
+    growth: float = 2.0        # γ: sample growth per round after warmup
+    warmup: int = 1            # k: rounds at the base sample size
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.base_samples < 1 or not 0 < self.keep < 1 or self.growth <= 1 or self.warmup < 0:
+            raise ValueError(f"bad halving config {self}: need base_samples >= 1, 0 < keep < 1, growth > 1")
+
+
+@dataclass(frozen=True)
+class HalvingResult:
+    winner: str
+    rounds: list[dict]         # per round: samples, scores of every candidate evaluated
+    evaluations: int           # candidate x sample evaluations spent
+
+    def to_dict(self) -> dict:
+        return {"winner": self.winner, "rounds": self.rounds, "evaluations": self.evaluations}
+
+
+def successive_halving(candidates: list[str], n_samples: int, score: Score,
+                       config: HalvingConfig = HalvingConfig()) -> HalvingResult:
+    if not candidates:
+        raise ValueError("no candidate adapters")
+    if n_samples < 1:
+        raise ValueError("no validation samples to score candidates on")
+    rng = random.Random(config.seed)
+    alive, rounds, spent, r = list(candidates), [], 0, 0
+    while len(alive) > 1:
+        m = config.base_samples if r < config.warmup else math.ceil(config.base_samples * config.growth ** (r - config.warmup + 1))
+        sample = rng.sample(range(n_samples), min(m, n_samples))
+        scores = score(alive, sample)
+        spent += len(alive) * len(sample)
+        rounds.append({"samples": len(sample), "scores": {c: round(scores[c], 4) for c in alive}})
+        # Stable order: ties keep the earlier candidate, so results do not depend on dict order.
+        q = max(1, math.ceil(config.keep * len(alive)))
+        alive = sorted(alive, key=lambda c: -scores[c])[:q]
+        r += 1
+    return HalvingResult(alive[0], rounds, spent)

@@ -1,0 +1,55 @@
+"""Successive Halving pairing on real adapters: weak and mismatched adapters lose to the right one."""
+
+import pytest
+
+from routing.pairing import HalvingConfig, successive_halving
+from routing.pseudo_tasks import pseudo_task_index
+from training.adapter import TrainSpec, train_adapters
+from training.catalog_build import build_catalog
+from training.demo_corpus import demo_records
+from training.pairing import pair_catalog
+
+
+def test_halving_schedule_and_budget():
+    quality = {"a": 0.1, "b": 0.9, "c": 0.5, "d": 0.3, "e": 0.7}
+    calls = []
+
+    def score(cands, sample):
+        calls.append((sorted(cands), len(sample)))
+        return {c: quality[c] for c in cands}
+
+    res = successive_halving(list(quality), 100, score, HalvingConfig(base_samples=4, keep=0.5, growth=2, warmup=1))
+    assert res.winner == "b"
+    assert [n for _, n in calls] == [4, 8, 16] and [len(c) for c, _ in calls] == [5, 3, 2]
+    assert res.evaluations == 5 * 4 + 3 * 8 + 2 * 16 < 5 * 100
+    with pytest.raises(ValueError):
+        successive_halving([], 10, score)
+
+
+def test_pseudo_tasks_recover_clusters(encoder):
+    texts = ["stock prices rose", "shares fell on earnings", "the market rallied",
+             "patient has a fever", "the doctor prescribed antibiotics", "blood pressure is high"]
+    index = pseudo_task_index(encoder.encode(texts), 2, seed=0)
+    first, second = index.labels[:3], index.labels[3:]
+    assert len(set(first)) == 1 and len(set(second)) == 1 and first[0] != second[0]
+    assert index.keys == ["pseudo/c0", "pseudo/c1"]
+
+
+def test_pair_picks_each_tasks_own_adapter_over_weak_and_mismatched(tmp_path, tiny_base):
+    keys = ("fin/ticker", "legal/plaintiff")
+    train = [r for r in demo_records("train") if r.key in keys]
+    val = [r for r in demo_records("val") if r.key in keys]
+    good = train_adapters(tiny_base, train, tmp_path / "good", train=TrainSpec(max_steps=120), progress=False)
+    weak = train_adapters(tiny_base, train, tmp_path / "weak", train=TrainSpec(max_steps=2), progress=False)
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for key in keys:
+        (pool / f"{key.replace('/', '-')}").symlink_to(good[key])
+        (pool / f"{key.replace('/', '-')}-weak").symlink_to(weak[key])
+    catalog = build_catalog(val, tmp_path / "cat", adapters=tmp_path / "weak", base_model=("tiny-test", tiny_base))
+    paired, report = pair_catalog(catalog, pool, val, tmp_path / "paired",
+                                  config=HalvingConfig(base_samples=6, warmup=1), parallel=False)
+    assert paired.parent == catalog.version
+    for key in keys:
+        assert report["tasks"][key]["winner"] == key.replace("/", "-"), report["tasks"][key]
+        assert report["tasks"][key]["evaluations"] < report["tasks"][key]["uniform_evaluations"]
