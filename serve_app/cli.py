@@ -110,6 +110,54 @@ def cmd_serve(a: argparse.Namespace) -> dict:
     return {"stopped": True}
 
 
+def cmd_data_select(a: argparse.Namespace) -> dict:
+    from training.records import load_records, write_jsonl
+    from training.selection import select_representatives
+
+    base = _base_model(a.base_model)[1] if a.embed == "base-embeddings" else None
+    selected, report = select_representatives(load_records(a.tasks), a.per_task, how=a.embed, metric=a.metric,
+                                              text_mode=a.text, seed=a.seed, base_model_path=base)
+    write_jsonl(selected, a.out)
+    return {"out": a.out, "n": len(selected), "per_task": report}
+
+
+def cmd_train_router(a: argparse.Namespace) -> dict:
+    from routing.catalog import Catalog
+    from training.records import load_records
+
+    catalog, records = Catalog.load(a.catalog), load_records(a.tasks)
+    if a.kind == "classifier":
+        from training.router_training import train_classifier
+
+        new, report = train_classifier(catalog, records, a.out, text_mode=a.text), {}
+    else:
+        from training.selector import train_selector
+
+        new, report = train_selector(catalog, records, a.out, _base_model(a.base_model)[1], per_task=a.per_task,
+                                     text_mode=a.text)
+    return {**_catalog_summary(new), "selection": report}
+
+
+def cmd_selector_update(a: argparse.Namespace) -> dict:
+    from routing.catalog import Catalog
+    from training.records import load_records
+    from training.selector import update_selector
+
+    catalog = Catalog.load(a.catalog)
+    new_records = load_records(a.tasks) if a.tasks else []
+    new = update_selector(catalog, a.op, a.out, _base_model(a.base_model)[1], ratio=a.ratio, new_records=new_records,
+                          delete=a.delete or [], per_task=a.per_task, text_mode=a.text)
+    return _catalog_summary(new)
+
+
+def cmd_pair(a: argparse.Namespace) -> dict:
+    from routing.catalog import Catalog
+    from training.pairing import pair_catalog
+    from training.records import load_records
+
+    return pair_catalog(Catalog.load(a.catalog), a.pool, load_records(a.data), a.out)[1]
+
+
 def build_parser() -> argparse.ArgumentParser:
     from routing.decision import MAX_TOP_K
 
@@ -138,6 +186,44 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--variant", default="lora", choices=["lora", "rslora", "dora", "pissa"])
     c.add_argument("--r", type=int, default=8)
     c.add_argument("--alpha", type=int, default=16)
+
+    c = command("router", cmd_train_router, "train a selector or classifier router into a new catalog version", train)
+    c.add_argument("--kind", required=True, choices=["selector", "classifier"])
+    c.add_argument("--catalog", required=True)
+    c.add_argument("--tasks", required=True, help="training records of the catalog's tasks")
+    c.add_argument("--out", required=True, help="the new catalog directory")
+    c.add_argument("--base-model", **base)
+    c.add_argument("--text", default="input", **text)
+    c.add_argument("--per-task", type=int, default=100, help="selector: K-means representatives per task")
+
+    data = sub.add_parser("data", help="prepare training data").add_subparsers(dest="what", required=True)
+    c = command("select", cmd_data_select, "K-means representative samples per task (AS data construction)", data)
+    c.add_argument("--tasks", required=True)
+    c.add_argument("--per-task", type=int, required=True)
+    c.add_argument("--embed", default="encoder", choices=["encoder", "base-embeddings"])
+    c.add_argument("--metric", default="cos", choices=["l2", "ip", "cos"])
+    c.add_argument("--base-model", **base)
+    c.add_argument("--text", default="input", **text)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", required=True)
+
+    sel = sub.add_parser("selector", help="update a trained selector").add_subparsers(dest="what", required=True)
+    c = command("update", cmd_selector_update, "add / balance / delete tasks, retaining a ratio of old data", sel)
+    c.add_argument("--catalog", required=True)
+    c.add_argument("--op", required=True, choices=["add", "balance", "delete"])
+    c.add_argument("--ratio", type=float, required=True, help="fraction of the old selection data retained")
+    c.add_argument("--tasks", help="records of the tasks to add / balance")
+    c.add_argument("--delete", action="append", help="task key to delete (repeatable)")
+    c.add_argument("--out", required=True)
+    c.add_argument("--base-model", **base)
+    c.add_argument("--text", default="input", **text)
+    c.add_argument("--per-task", type=int, default=100)
+
+    c = command("pair", cmd_pair, "Successive Halving: each task's best adapter from a pool -> new catalog version")
+    c.add_argument("--catalog", required=True)
+    c.add_argument("--pool", required=True, help="directory of candidate adapters")
+    c.add_argument("--data", required=True, help="validation records of the catalog's tasks")
+    c.add_argument("--out", required=True)
 
     cat = sub.add_parser("catalog", help="build or inspect catalogs").add_subparsers(dest="what", required=True)
     c = command("build", cmd_catalog_build, "build a catalog (routing-only without --adapters)", cat)

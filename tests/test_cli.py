@@ -1,0 +1,44 @@
+"""The `switchboard` console script as users run it: JSON last on stdout, precise errors, exit codes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from training.demo_corpus import write_demo_corpus
+
+SWITCHBOARD = [str(Path(sys.executable).with_name("switchboard"))]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*SWITCHBOARD, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_catalog_build_show_and_eval_routing(tmp_path):
+    data = write_demo_corpus(tmp_path / "data")
+    built = run("catalog", "build", "--tasks", str(data["val"]), "--out", str(tmp_path / "cat"))
+    assert built.returncode == 0, built.stderr
+    summary = json.loads(built.stdout.strip().splitlines()[-1])
+    assert summary["base_model"] is None and len(summary["tasks"]) >= 9
+
+    shown = json.loads(run("catalog", "show", str(tmp_path / "cat")).stdout.strip().splitlines()[-1])
+    assert shown["version"] == summary["version"]
+
+    for extra in ([], ["--ood"]):
+        res = run("eval", "routing", "--catalog", str(tmp_path / "cat"), "--data", str(data["test"]),
+                  "--router", "centroid", *extra)
+        assert res.returncode == 0, res.stderr
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        assert {"n", "top1_task_acc", "top3_task_acc", "domain_acc", "per_task", "ms_per_query"} <= set(out)
+        assert out["n"] == sum(1 for _ in data["test"].open())
+    assert out["ood"] is True and out["top1_task_acc"] == 0.0
+
+
+def test_bad_input_exits_2_with_file_line_and_field(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "x", "output": "y", "domain": "fin", "task": "a"}\n{"input": "x", "domain": "fin"}\n')
+    res = run("catalog", "build", "--tasks", str(bad), "--out", str(tmp_path / "cat"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"{bad}:2: output: missing" in res.stderr and f"{bad}:2: task: missing" in res.stderr
+    res = run("catalog", "show", str(tmp_path))
+    assert res.returncode == 2 and "not a catalog" in res.stderr
