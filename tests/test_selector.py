@@ -1,0 +1,90 @@
+"""The Adapters-Selector router: trained on the tiny base, scored over catalog labels, updated."""
+
+import pytest
+import torch
+
+from routing.decision import RouteRequest
+from routing.routers import make_router
+from routing.selector_model import SelectorModel, label_text
+from training.adapter import TrainSpec
+from training.catalog_build import build_catalog
+from training.demo_corpus import demo_records
+from training.selector import SELECTION_FILE, train_selector, update_selector
+from training.records import load_records
+
+KEYS = ("fin/ticker", "legal/motion", "med/lab")
+NEW = "med/dose"
+FAST = TrainSpec(max_steps=60)
+
+
+def _pick(split, keys=KEYS):
+    return [r for r in demo_records(split) if r.key in keys]
+
+
+@pytest.fixture(scope="module")
+def selector_catalog(tmp_path_factory, tiny_base):
+    work = tmp_path_factory.mktemp("selector")
+    routing_only = build_catalog(_pick("val"), work / "routing")
+    catalog, report = train_selector(routing_only, _pick("train"), work / "with-selector", tiny_base, per_task=40,
+                                     train=FAST, progress=False)
+    return catalog, report, work
+
+
+def test_selector_is_a_new_catalog_version_with_its_selection(selector_catalog):
+    catalog, report, _ = selector_catalog
+    assert catalog.parent is not None and "selector" in catalog.routers
+    assert set(report) >= set(KEYS) or "tasks" in report
+    selection = load_records(catalog.router_path("selector") / SELECTION_FILE)
+    assert {r.key for r in selection} == set(KEYS) and len(selection) <= 40 * len(KEYS)
+
+
+def test_selector_routes_held_out_queries_to_valid_tasks(selector_catalog):
+    catalog, _, _ = selector_catalog
+    router = make_router("selector", catalog)
+    test = _pick("test")
+    decisions = router.route([RouteRequest(r.input, top_k=2) for r in test])
+    assert all(k in catalog.tasks for d in decisions for k, _ in d.tasks)
+    assert all(len(d.tasks) == 2 and abs(sum(w for _, w in d.tasks) - 1) < 1e-5 for d in decisions)
+    accuracy = sum(d.top == r.key for d, r in zip(decisions, test)) / len(test)
+    assert accuracy >= 0.9, accuracy
+
+
+def test_label_scoring_matches_full_sequence_likelihood(selector_catalog):
+    """The cached prefill + cropped label steps equal scoring each prompt+label sequence from scratch."""
+    catalog, _, _ = selector_catalog
+    model = SelectorModel(catalog.router_path("selector"))
+    texts = [r.input for r in _pick("test")[:3]] + ["short"]
+    fast = model.log_likelihoods(texts)
+    tok, lm = model.tokenizer, model.model
+    for b, text in enumerate(texts):
+        prompt = tok("### Which task is this request for?\n" + text + "\n### Task:\n")["input_ids"]
+        for j, ids in enumerate(model.label_ids):
+            seq = torch.tensor([prompt + ids])
+            logp = torch.log_softmax(lm(input_ids=seq).logits[0, len(prompt) - 1:-1].float(), -1)
+            slow = logp.gather(-1, torch.tensor(ids)[:, None]).sum()
+            assert abs(float(slow) - float(fast[b, j])) < 1e-3
+
+
+def test_update_add_and_delete(selector_catalog, tiny_base):
+    catalog, _, work = selector_catalog
+    added = update_selector(catalog, "add", work / "added", tiny_base, ratio=0.5,
+                            new_records=_pick("train", (NEW,)), per_task=40, train=FAST, progress=False)
+    assert added.keys == sorted((*KEYS, NEW)) and added.parent == catalog.version
+    selection = load_records(added.router_path("selector") / SELECTION_FILE)
+    old_counts = {k: sum(r.key == k for r in selection) for k in KEYS}
+    assert all(8 <= n <= 22 for n in old_counts.values()), old_counts   # about half of the old 40 retained
+    router = make_router("selector", added)
+    dose = _pick("test", (NEW,))
+    assert sum(d.top == NEW for d in router.route([RouteRequest(r.input) for r in dose])) / len(dose) >= 0.8
+
+    deleted = update_selector(added, "delete", work / "deleted", tiny_base, ratio=1.0, delete=["legal/motion"],
+                              train=FAST, progress=False)
+    assert "legal/motion" not in deleted.keys and "legal/motion" not in deleted.index.keys
+    with pytest.raises(ValueError, match="unknown"):
+        update_selector(deleted, "delete", work / "x", tiny_base, ratio=0.1, delete=["legal/motion"])
+    with pytest.raises(ValueError, match="ratio"):
+        update_selector(deleted, "add", work / "x", tiny_base, ratio=2)
+
+
+def test_label_text():
+    assert label_text("fin/sa") == "domain: fin, task: sa"

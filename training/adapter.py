@@ -1,0 +1,367 @@
+"""Training one LoRA adapter for one task (or a set of tasks), with transformers' Trainer and peft.
+
+The prompt is the task's template filled with what a client sends (`record.text(text_mode)`); the
+target is `record.output` plus EOS, and only target tokens carry loss. The result is a peft adapter
+directory (safetensors) whose `adapter_config.json` names the base model by
+`routing.base_models.base_model_id`, which catalogs check.
+
+Lifecycle of `out_dir`:
+- `checkpoints/` holds Trainer checkpoints every `save_steps`; a call that finds them resumes from
+  the last complete one (and says so on stderr). A checkpoint of a different run (other records,
+  base or specs) is discarded, not resumed.
+- On success the adapter files are moved in (weights first, config second) and `training.json` is
+  written last: **a directory is a finished adapter exactly when `training.json` exists**. A second
+  call with the same inputs finds it and returns at once; checkpoints are removed.
+- PiSSA trains on a residual base; the saved adapter is converted to a plain LoRA delta on the
+  unmodified base (rank and alpha doubled) so serving shares one base for every adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+
+from routing.base_models import base_model_id, load_causal_lm
+from routing.templates import render, template_for
+from training.records import Record, group_by_task
+
+Variant = Literal["lora", "rslora", "dora", "pissa"]
+VARIANTS: tuple[str, ...] = ("lora", "rslora", "dora", "pissa")
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # moved in this order
+DONE_MARKER = "training.json"
+CHECKPOINTS = "checkpoints"
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _log(msg: str) -> None:
+    print(f"[adapter] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Which low-rank adapter to train. `variant` picks the peft flavour:
+    `lora` (plain), `rslora` (scale alpha/sqrt(r)), `dora` (weight-decomposed, has a magnitude vector),
+    `pissa` (initialised from the principal singular vectors; saved as a plain LoRA delta)."""
+
+    variant: Variant = "lora"
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown LoRA variant {self.variant!r}; choose from {', '.join(VARIANTS)}")
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"LoRA rank r must be an integer >= 1, got {self.r!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.target_modules:
+            raise ValueError("target_modules must name at least one module")
+
+    def to_peft(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=list(self.target_modules),
+            bias="none", task_type="CAUSAL_LM", use_rslora=self.variant == "rslora", use_dora=self.variant == "dora",
+            init_lora_weights="pissa" if self.variant == "pissa" else True)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """How long and how fast. Steps are `max_steps` when set, else `ceil(epochs * len(records) / batch_size)`.
+    The defaults train a demo adapter on the `tiny` base in about 15 s of CPU."""
+
+    lr: float = 3e-3            # LoRA on a small model tolerates (and needs) a high rate for a short run
+    epochs: float = 8.0
+    max_steps: int | None = 300
+    batch_size: int = 16
+    seed: int = 0
+    max_length: int = 128       # prompt + answer tokens; longer prompts lose their start
+    save_steps: int = 50
+    warmup_steps: int = 10
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.max_steps is None and not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0 when max_steps is not set, got {self.epochs!r}")
+        for name in ("batch_size", "max_length", "save_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps!r}")
+
+    def steps_for(self, n_records: int) -> int:
+        if self.max_steps is not None:
+            return self.max_steps
+        return max(1, math.ceil(self.epochs * n_records / self.batch_size))
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def _encode(tokenizer: PreTrainedTokenizerBase, records: list[Record], template: str, text_mode: str,
+            max_length: int) -> tuple[list[dict[str, list[int]]], int]:
+    """Prompt ids (as generation will see them) + answer ids + EOS; labels mask the prompt."""
+    prompts = tokenizer([render(template, r.text(text_mode)) for r in records])["input_ids"]
+    answers = tokenizer([r.output for r in records], add_special_tokens=False)["input_ids"]
+    examples, truncated = [], 0
+    for prompt, answer in zip(prompts, answers):
+        answer = answer + [tokenizer.eos_token_id]
+        if len(prompt) + len(answer) > max_length:
+            truncated += 1
+            keep = max_length - len(answer)
+            if keep < 1:
+                raise ValueError(f"an answer of {len(answer)} tokens does not fit max_length={max_length}")
+            prompt = prompt[-keep:]
+        examples.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+    return examples, truncated
+
+
+def _schedule(examples: list, steps: int, batch_size: int, seed: int) -> list:
+    """The whole run's example order, epoch after epoch, each epoch shuffled by its own seed.
+
+    Fixing the order up front (and reading it sequentially) makes a resumed run see exactly the
+    batches an uninterrupted one would.
+    """
+    order: list = []
+    epoch = 0
+    while len(order) < steps * batch_size:
+        idx = list(range(len(examples)))
+        random.Random(f"{seed}:{epoch}").shuffle(idx)
+        order += [examples[i] for i in idx]
+        epoch += 1
+    return order[:steps * batch_size]
+
+
+class _Collator:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)  # (B, T), right-padded
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n] = torch.tensor(b["input_ids"])
+            labels[i, :n] = torch.tensor(b["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class _InOrderTrainer(Trainer):
+    """Reads the pre-shuffled schedule sequentially (see `_schedule`)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+
+class _Progress(TrainerCallback):
+    def __init__(self, desc: str, enabled: bool):
+        self.desc, self.enabled, self.bar = desc, enabled, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc, file=sys.stderr,
+                        disable=not self.enabled)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bar.close()
+
+
+# ---- checkpoints and the finished directory ------------------------------------------------------
+def _fingerprint(base_id: str, records: list[Record], template: str, text_mode: str, lora: LoraSpec,
+                 train: TrainSpec) -> str:
+    h = hashlib.sha256(json.dumps({"base": base_id, "template": template, "text_mode": text_mode,
+                                   "lora": asdict(lora), "train": asdict(train)}, sort_keys=True).encode())
+    for r in records:
+        h.update(r.to_json().encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
+def _last_checkpoint(ckpt_dir: Path) -> tuple[Path, int] | None:
+    """The newest checkpoint that was written completely (Trainer writes trainer_state.json last)."""
+    found = []
+    for d in ckpt_dir.glob("checkpoint-*"):
+        step = d.name.removeprefix("checkpoint-")
+        if step.isdigit() and (d / "trainer_state.json").is_file() and (d / "adapter_model.safetensors").is_file():
+            found.append((int(step), d))
+    if not found:
+        return None
+    step, d = max(found)
+    return d, step
+
+
+def _is_done(out: Path, fingerprint: str) -> bool:
+    marker = out / DONE_MARKER
+    if not marker.is_file() or not all((out / f).is_file() for f in ADAPTER_FILES):
+        return False
+    try:
+        return json.loads(marker.read_text()).get("fingerprint") == fingerprint
+    except (OSError, ValueError):
+        return False
+
+
+def _prepare(out: Path, fingerprint: str) -> Path:
+    """Drop a stale finished adapter and foreign checkpoints; return the checkpoint folder."""
+    (out / DONE_MARKER).unlink(missing_ok=True)  # first, so the directory never looks finished meanwhile
+    for f in ADAPTER_FILES:
+        (out / f).unlink(missing_ok=True)
+    ckpt = out / CHECKPOINTS
+    owner = ckpt / "fingerprint.txt"
+    if ckpt.exists() and (not owner.is_file() or owner.read_text().strip() != fingerprint):
+        _log(f"discarding checkpoints in {ckpt}: they belong to another run")
+        shutil.rmtree(ckpt)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    owner.write_text(fingerprint + "\n")
+    return ckpt
+
+
+def _publish(staging: Path, out: Path, base_id: str, summary: dict) -> None:
+    config_path = staging / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = base_id
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name in ADAPTER_FILES:
+        os.replace(staging / name, out / name)
+    tmp = out / (DONE_MARKER + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, out / DONE_MARKER)
+
+
+# ---- training -----------------------------------------------------------------------------------
+def train_adapter(base_path: str | Path, records: list[Record], template: str, out_dir: str | Path,
+                  lora: LoraSpec = LoraSpec(), train: TrainSpec = TrainSpec(), text_mode: str = "input",
+                  progress: bool = True, callbacks: Sequence[TrainerCallback] = ()) -> Path:
+    """Train (or resume, or find already trained) the adapter for `records`; return `out_dir`.
+
+    `callbacks` are extra Trainer callbacks (tests use one to interrupt a run).
+    """
+    from peft import get_peft_model
+
+    if not records:
+        raise ValueError("no records to train on")
+    base_path, out = Path(base_path), Path(out_dir)
+    base_id = base_model_id(base_path)
+    fingerprint = _fingerprint(base_id, records, template, text_mode, lora, train)
+    keys = sorted(group_by_task(records))
+    name = ",".join(keys) if len(keys) <= 3 else f"{len(keys)} tasks"
+    if _is_done(out, fingerprint):
+        _log(f"{name}: up to date in {out}")
+        return out
+
+    started = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = _prepare(out, fingerprint)
+    staging = out / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+
+    torch.manual_seed(train.seed)
+    model, tokenizer = load_causal_lm(base_path)
+    peft_model = get_peft_model(model, lora.to_peft())
+    if lora.variant == "pissa":
+        # PITFALLS.md: keep the untrained PiSSA adapter, saved as a plain init, for the final conversion.
+        # The init is a deterministic SVD of the base, so a resumed run recomputes the same one.
+        peft_model.peft_config["default"].init_lora_weights = True
+        peft_model.save_pretrained(staging / "pissa-init")
+
+    examples, truncated = _encode(tokenizer, records, template, text_mode, train.max_length)
+    if truncated:
+        _log(f"{name}: {truncated} of {len(records)} prompts cut to max_length={train.max_length} (start dropped)")
+    steps = train.steps_for(len(records))
+    resume = _last_checkpoint(ckpt_dir)
+    if resume:
+        _log(f"{name}: resumed from step {resume[1]}")
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir), per_device_train_batch_size=train.batch_size, learning_rate=train.lr,
+        max_steps=steps, num_train_epochs=1, lr_scheduler_type="linear", warmup_steps=min(train.warmup_steps, steps),
+        weight_decay=0.0, logging_steps=max(1, min(10, steps // 10)), save_strategy="steps", save_steps=train.save_steps,
+        save_total_limit=2, seed=train.seed, data_seed=train.seed, use_cpu=True, report_to=[], disable_tqdm=True,
+        remove_unused_columns=False, dataloader_num_workers=0)
+    trainer = _InOrderTrainer(
+        model=peft_model, args=args, train_dataset=_schedule(examples, steps, train.batch_size, train.seed),
+        data_collator=_Collator(tokenizer.pad_token_id),
+        callbacks=[_Progress(f"adapter {name}", progress), *callbacks])
+    trainer.remove_callback(PrinterCallback)  # it prints every log line to stdout; _Progress shows the loss
+    trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
+
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    if lora.variant == "pissa":
+        peft_model.save_pretrained(staging / "adapter", path_initial_model_for_weight_conversion=str(staging / "pissa-init"))
+    else:
+        peft_model.save_pretrained(staging / "adapter")
+    summary = {
+        "tasks": keys, "n_records": len(records), "steps": trainer.state.global_step,
+        "final_loss": round(losses[-1], 5) if losses else None, "seconds": round(time.monotonic() - started, 2),
+        "resumed_from_step": resume[1] if resume else None, "base_model_id": base_id, "template": template,
+        "text_mode": text_mode, "lora": asdict(lora), "train": asdict(train), "fingerprint": fingerprint}
+    _publish(staging / "adapter", out, base_id, summary)
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return out
+
+
+# ---- evaluation helper --------------------------------------------------------------------------
+@torch.inference_mode()
+def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                     max_new_tokens: int = 16, batch_size: int = 32) -> list[str]:
+    """Greedy answers for already-rendered prompts: left-padded batches, new tokens only, cut at the
+    first newline (generation stops at EOS). For tests and accuracy checks; serving has its own path."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.eval()
+    answers: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, padding_side="left")
+        batch = batch.to(model.device)
+        generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                                   eos_token_id=tokenizer.eos_token_id)
+        new = generated[:, batch["input_ids"].shape[1]:]  # (B, new tokens)
+        for text in tokenizer.batch_decode(new, skip_special_tokens=True):
+            answers.append(text.split("\n", 1)[0].strip())
+    return answers
+
+
+def train_adapters(base_path: str | Path, records: list[Record], out_dir: str | Path, *, lora: LoraSpec = LoraSpec(),
+                   train: TrainSpec = TrainSpec(), tasks: Sequence[str] | None = None, text_mode: str = "input",
+                   progress: bool = True) -> dict[str, Path]:
+    """One adapter per task into `out_dir/<domain>/<task>` (the layout `catalog build --adapters` reads).
+
+    Each task's template comes from `routing.templates.template_for`, the function the catalog uses
+    too, so training and serving render identical prompts. Up-to-date adapters are skipped.
+    """
+    groups = group_by_task(records)
+    unknown = sorted(set(tasks or ()) - set(groups))
+    if unknown:
+        raise ValueError(f"no records for task(s) {unknown}; the data has {sorted(groups)}")
+    done = {}
+    for key in tasks or groups:
+        rows = groups[key]
+        template = template_for((r.instruction for r in rows), text_mode)
+        done[key] = train_adapter(base_path, rows, template, Path(out_dir) / key, lora=lora, train=train,
+                                  text_mode=text_mode, progress=progress)
+    return done
