@@ -29,7 +29,7 @@ from typing import Callable, Literal
 
 from training.records import Record, write_jsonl
 
-CORPUS_VERSION = "demo-v2"
+CORPUS_VERSION = "demo-v4"
 _WORD = re.compile(r"[A-Za-z]{3,}|\d+")
 
 Split = Literal["train", "val", "test"]
@@ -50,7 +50,7 @@ class DemoTask:
 
 
 # ---- shared vocabulary -------------------------------------------------------------------------
-# Fictional companies with fixed tickers: fin/sentiment, fin/ticker, fin/profit and the legal tasks
+# Fictional companies with fixed tickers: fin/sentiment, fin/ticker, fin/dividend and the legal tasks
 # all draw from this list.
 COMPANIES: dict[str, str] = {
     "Northwind Traders": "NWTR", "Blue Harbor Capital": "BHC", "Redstone Mining": "RSM",
@@ -96,19 +96,20 @@ def _fin_ticker(rng: random.Random) -> tuple[str, str]:
     return text, COMPANIES[name]
 
 
-_PERIODS = ["first-quarter", "second-quarter", "third-quarter", "fourth-quarter", "half-year", "annual"]
+_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December"]
 
 
-def _fin_profit(rng: random.Random) -> tuple[str, str]:
-    revenue = rng.randint(2, 9)
-    cost = rng.randint(1, revenue - 1)
-    name, period = rng.choice(_NAMES), rng.choice(_PERIODS)
-    # No other digits in the text (no years, no Q3): the two operands are the only numbers to find.
-    if rng.random() < 0.5:
-        text = f"{name} reported {period} revenue of {revenue} million and costs of {cost} million."
+def _fin_dividend(rng: random.Random) -> tuple[str, str]:
+    cents, name, month = rng.randint(1, 9), rng.choice(_NAMES), rng.choice(_MONTHS)
+    shape = rng.randrange(3)
+    if shape == 0:
+        text = f"{name} declared a quarterly dividend of {cents} cents per share, payable in {month}."
+    elif shape == 1:
+        text = f"The board of {name} set the quarterly dividend at {cents} cents a share, paid from {month}."
     else:
-        text = f"For the {period} period, {name} booked revenue of {revenue} million against costs of {cost} million."
-    return text, str(revenue - cost)
+        text = f"Dividend notice: {name} will pay {cents} cents per share each quarter starting {month}."
+    return text, str(4 * cents)  # the annual dividend, in cents
 
 
 # ---- legal -------------------------------------------------------------------------------------
@@ -191,7 +192,7 @@ def _med_dose(rng: random.Random) -> tuple[str, str]:
 DEMO_TASKS: tuple[DemoTask, ...] = (
     DemoTask("fin", "sentiment", "Classify the market sentiment of the headline as positive or negative.", _fin_sentiment),
     DemoTask("fin", "ticker", "Give the ticker symbol of the quoted company.", _fin_ticker),
-    DemoTask("fin", "profit", "Compute profit (revenue minus costs) in millions. Answer with the number only.", _fin_profit),
+    DemoTask("fin", "dividend", "Annualise the quarterly dividend: cents per share per year, number only.", _fin_dividend),
     DemoTask("legal", "motion", "Was the motion granted? Answer yes or no.", _legal_motion),
     DemoTask("legal", "plaintiff", "Name the plaintiff (the first party) of the case.", _legal_plaintiff),
     DemoTask("legal", "section", "Write the statutory section in short citation form.", _legal_section),
@@ -281,6 +282,6 @@ def tokenizer_texts(seed: int = 0) -> list[str]:
     from routing.templates import template_for
 
     texts = pretraining_texts(seed)
-    texts += [template_for([t.instruction]) for t in DEMO_TASKS]
+    texts += [template_for([t.instruction]) for t in DEMO_TASKS] * 100  # so the prompt frame gets whole tokens
     texts += [f"{r.input}\n{r.output}" for split in ("train", "val", "test") for r in demo_records(split, seed)]
     return texts
