@@ -19,7 +19,7 @@ from training.adapter import LoraSpec, TrainSpec, generate_answers, train_adapte
 from training.base_model import TINY_TEST, build_tiny
 from training.demo_corpus import TASKS_BY_KEY, demo_records
 
-TASK = TASKS_BY_KEY["fin/ticker"]  # the answer is never the base model's guess, and tiny-test learns it fast
+TASK = TASKS_BY_KEY["fin/sentiment"]  # tiny-test learns it in 150 steps; the bare base never answers a label
 TEMPLATE = template_for([TASK.instruction])
 QUICK = TrainSpec(max_steps=24, save_steps=8, batch_size=8, lr=3e-3)
 
@@ -73,7 +73,8 @@ def test_adapter_beats_the_bare_base(base, records, trained):
     base_acc = accuracy(model, tok, records[1])
     tuned = PeftModel.from_pretrained(model, out)
     tuned_acc = accuracy(tuned, tok, records[1])
-    assert base_acc <= 0.1 and tuned_acc >= base_acc + 0.6, (base_acc, tuned_acc)
+    # >= 0.8: well above the 0.5 that merely answering in the right format would score
+    assert base_acc <= 0.1 and tuned_acc >= 0.8, (base_acc, tuned_acc)
 
 
 def test_adapter_directory_is_ready_for_serving(base, trained):
@@ -84,7 +85,7 @@ def test_adapter_directory_is_ready_for_serving(base, trained):
     assert config["r"] == 8 and set(config["target_modules"]) == set(LoraSpec().target_modules)
     summary = json.loads((out / "training.json").read_text())
     assert summary["tasks"] == [TASK.key] and summary["steps"] == 150 and summary["base_model_id"] == base_model_id(base)
-    assert summary["final_loss"] < 0.5 and summary["lora"]["variant"] == "lora"
+    assert summary["final_loss"] < 1.0 and summary["lora"]["variant"] == "lora"
 
 
 def test_same_call_again_returns_the_finished_adapter(base, records, trained, capfd):

@@ -312,9 +312,10 @@ def train_adapter(base_path: str | Path, records: list[Record], template: str, o
 
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     if lora.variant == "pissa":
-        peft_model.save_pretrained(staging / "adapter", path_initial_model_for_weight_conversion=str(staging / "pissa-init"))
+        peft_model.save_pretrained(staging / "adapter", safe_serialization=True,
+                                   path_initial_model_for_weight_conversion=str(staging / "pissa-init"))
     else:
-        peft_model.save_pretrained(staging / "adapter")
+        peft_model.save_pretrained(staging / "adapter", safe_serialization=True)
     summary = {
         "tasks": keys, "n_records": len(records), "steps": trainer.state.global_step,
         "final_loss": round(losses[-1], 5) if losses else None, "seconds": round(time.monotonic() - started, 2),

@@ -8,10 +8,12 @@ from __future__ import annotations
 from ..catalog import Catalog
 from .base import Router, UnknownTaskError
 from .centroid import CentroidRouter
+from .classifier import ClassifierRouter
 from .fixed import FixedRouter
 from .selector import SelectorRouter
 
-ROUTERS: dict[str, type[Router]] = {r.name: r for r in (CentroidRouter, FixedRouter, SelectorRouter)}
+ROUTERS: dict[str, type[Router]] = {
+    r.name: r for r in (CentroidRouter, FixedRouter, ClassifierRouter, SelectorRouter)}
 
 
 def make_router(name: str, catalog: Catalog) -> Router:

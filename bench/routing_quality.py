@@ -1,0 +1,287 @@
+"""Routing quality: every router on TASA and FLAN-48, trained and measured side by side in one run.
+
+    .venv/bin/python bench/routing_quality.py --tasa ../shared/data/tasa --flan ../shared/data/flan48/validation.jsonl
+    .venv/bin/python bench/routing_quality.py --tasa ../shared/data/tasa --flan ../shared/data/flan48/validation.jsonl --quick
+
+Protocol (all splits seeded, nothing tuned on the held-out parts):
+  TASA     our own held-out split: `split_per_task(records, 0.1, seed=0)`. The routing-only catalog
+           indexes 200 samples per task of the other 90% (LoRAuter's budget); trained routers learn
+           from that 90%. Two columns: queries and training texts are the input alone, or the
+           instruction + input (the catalog and the classifier are built in that text mode).
+  FLAN-48  48 tasks x 20 samples: 5 folds over each task's 20 (seeded order); per fold 16 build the
+           index / train the routers and 4 are held out. Pooled over folds: top-1, top-3, domain of
+           top-1, and OOD domain (each query's own task removed from the pool, LoRAuter's regime).
+  ms_per_query: mean over the in-pool evaluations, batches of 256 as Serve batches them: routing +
+           the encoder's embedding time (measured once per query set) for routers that need it.
+--quick: 20 held-out TASA queries per task, 64 index/training samples per task and one epoch on
+TASA, one FLAN fold with 3 epochs (plus the unseen split). Indicative only; the full run is the result.
+
+Adding a router: put its name in ROUTERS with the artefact it needs, and, if that artefact is
+trained, a function in TRAINERS (catalog, train records, out dir, Setting) -> derived catalog. The
+AS selector, for instance (training/selector.py):
+    TRAINERS["selector"] = lambda cat, recs, out, s: train_selector(cat, recs, out, base_model_path, ...)
+    ROUTERS["selector"] = "selector"
+Progress goes to stderr, the table to stdout, and the last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from routing.catalog import Catalog
+from routing.encoder import shared_encoder
+from routing.evaluation import evaluate_routing
+from routing.routers import ROUTERS as REGISTERED, Router
+from routing.routers.classifier import ClassifierRouter
+from training.catalog_build import build_catalog
+from training.records import Record, group_by_task, load_records, split_per_task
+from training.router_training import train_classifier
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How a trainer is asked to train for one benchmark cell."""
+    text_mode: str
+    per_task: int | None
+    epochs: float
+    calibration_per_task: int
+    max_length: int = 128
+    domain_smoothing: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Scale:
+    tasa_eval_per_task: int | None   # held-out TASA queries per task (None: the whole 10%)
+    tasa_index_per_task: int         # centroid samples per task in the TASA catalog
+    tasa: Setting
+    flan_folds: int                  # of 5
+    flan: Setting
+    flan_unseen: bool = True         # the unseen-task split (one more training)
+
+
+FULL = Scale(None, 200, Setting("input", 300, 2.0, 50), 5, Setting("input", None, 4.0, 2))
+QUICK = Scale(20, 64, Setting("input", 64, 1.0, 10), 1, Setting("input", None, 3.0, 2))
+FLAN_FOLDS, FLAN_HELD_OUT, FLAN_UNSEEN_TASKS = 5, 4, 12
+
+Trainer = Callable[[Catalog, list[Record], Path, Setting], Catalog]
+
+
+def _classifier(catalog: Catalog, records: list[Record], out: Path, s: Setting) -> Catalog:
+    return train_classifier(catalog, records, out, text_mode=s.text_mode, per_task=s.per_task, epochs=s.epochs,
+                            seed=s.seed, calibration_per_task=s.calibration_per_task, max_length=s.max_length,
+                            domain_smoothing=s.domain_smoothing, progress=True)
+
+
+# Trained artefacts: name -> trainer.  Routers: name -> the artefact its catalog needs (None: training-free).
+TRAINERS: dict[str, Trainer] = {"classifier": _classifier}
+ROUTERS: dict[str, str | None] = {"centroid": None, "classifier": "classifier"}
+ROUTER_CLASSES: dict[str, type[Router]] = {**REGISTERED, "classifier": ClassifierRouter}  # until it is registered
+COLUMNS = [("tasa_input_top1", "TASA in"), ("tasa_instruction_top1", "TASA ins+in"), ("flan_top1", "FLAN top1"),
+           ("flan_top3", "FLAN top3"), ("flan_domain", "FLAN dom"), ("flan_ood_domain", "FLAN OOD dom"),
+           ("flan_unseen_domain", "unseen dom"), ("ms_per_query", "ms/query")]
+TARGETS = {"tasa_input_top1": 0.92, "tasa_instruction_top1": 0.97, "flan_top1": 0.80, "flan_top3": 0.95,
+           "flan_domain": 0.95, "flan_ood_domain": 0.80}
+
+
+def log(msg: str) -> None:
+    print(f"[routing-quality] {msg}", file=sys.stderr, flush=True)
+
+
+class CachedEmbedder:
+    """Encodes a query set once; `embed` then looks rows up, and `ms_per_query` is the encoding cost."""
+
+    def __init__(self, texts: list[str]):
+        started = time.perf_counter()
+        emb = shared_encoder().encode(texts, progress=True)
+        self.ms_per_query = 1000 * (time.perf_counter() - started) / len(texts)
+        self.rows = {t: e for t, e in zip(texts, emb)}
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return np.stack([self.rows[t] for t in texts])
+
+
+def _memoize_logits(router: Router) -> None:
+    """After the timed pass, OOD re-routing reuses the classifier's logits (they do not depend on the pool)."""
+    clf = router if isinstance(router, ClassifierRouter) else getattr(router, "classifier", None)
+    if not isinstance(clf, ClassifierRouter) or hasattr(clf, "_memo"):
+        return
+    clf._memo, compute = {}, clf.logits
+
+    def logits(texts: list[str]) -> np.ndarray:
+        missing = [t for t in dict.fromkeys(texts) if t not in clf._memo]
+        if missing:
+            clf._memo.update(zip(missing, compute(missing)))
+        return np.stack([clf._memo[t] for t in texts])
+
+    clf.logits = logits
+
+
+def run_split(name: str, train: list[Record], test: list[Record], work: Path, setting: Setting,
+              index_per_task: int | None, ood: bool, train_s: dict) -> dict[str, dict]:
+    """Build the catalog, train what ROUTERS need, evaluate every router on `test`."""
+    log(f"{name}: {len(train)} training records, {len(test)} queries ({setting.text_mode})")
+    base = build_catalog(train, work / f"{name}-base", text_mode=setting.text_mode, per_task=index_per_task,
+                         seed=setting.seed)
+    catalogs: dict[str | None, Catalog] = {None: base}
+    for artefact in dict.fromkeys(a for a in ROUTERS.values() if a is not None):
+        started = time.perf_counter()
+        catalogs[artefact] = TRAINERS[artefact](base, train, work / f"{name}-{artefact}", setting)
+        train_s.setdefault(artefact, []).append(time.perf_counter() - started)
+    texts, keys = [r.text(setting.text_mode) for r in test], [r.key for r in test]
+    embedder = CachedEmbedder(texts)
+    out = {}
+    for router_name, artefact in ROUTERS.items():
+        router = ROUTER_CLASSES[router_name](catalogs[artefact])
+        res = evaluate_routing(router, texts, keys, embed=embedder.embed)
+        res["ms_per_query"] += embedder.ms_per_query if router.needs_embedding else 0.0
+        if ood:
+            _memoize_logits(router)
+            res["ood_domain_acc"] = evaluate_routing(router, texts, keys, embed=embedder.embed, ood=True)["domain_acc"]
+        log(f"{name} {router_name}: top1 {res['top1_task_acc']:.3f} top3 {res['top3_task_acc']:.3f} "
+            f"domain {res['domain_acc']:.3f}" + (f" ood-domain {res['ood_domain_acc']:.3f}" if ood else "")
+            + f" ({res['ms_per_query']:.1f} ms/query)")
+        out[router_name] = res
+    return out
+
+
+def tasa(path: Path, scale: Scale, work: Path, train_s: dict) -> dict[str, dict]:
+    records = load_records(path)
+    train, held = split_per_task(records, 0.1, seed=0)
+    if scale.tasa_eval_per_task is not None:
+        held = [r for key, rows in group_by_task(held).items()
+                for r in random.Random(f"eval:{key}").sample(rows, min(scale.tasa_eval_per_task, len(rows)))]
+    results = {}
+    for mode, column in (("input", "tasa_input"), ("instruction+input", "tasa_instruction")):
+        split = run_split(column, train, held, work, replace(scale.tasa, text_mode=mode), scale.tasa_index_per_task,
+                          ood=False, train_s=train_s)
+        for router, res in split.items():
+            results.setdefault(router, {})[column] = res
+    return results
+
+
+def flan(path: Path, scale: Scale, work: Path, train_s: dict) -> dict[str, dict]:
+    groups = {k: list(v) for k, v in group_by_task(load_records(path)).items()}
+    for key, rows in groups.items():
+        random.Random(f"0:{key}").shuffle(rows)
+    per_fold: dict[str, list[dict]] = {}
+    for fold in range(scale.flan_folds):
+        lo, hi = fold * FLAN_HELD_OUT, (fold + 1) * FLAN_HELD_OUT
+        held = [r for rows in groups.values() for r in rows[lo:hi]]
+        train = [r for rows in groups.values() for r in rows[:lo] + rows[hi:]]
+        split = run_split(f"flan-fold{fold}", train, held, work, replace(scale.flan, seed=fold), None, ood=True,
+                          train_s=train_s)
+        for router, res in split.items():
+            per_fold.setdefault(router, []).append(res)
+    out = {}
+    for router, folds in per_fold.items():
+        n = np.array([f["n"] for f in folds])
+        pooled = {k: float(np.average([f[k] for f in folds], weights=n))
+                  for k in ("top1_task_acc", "top3_task_acc", "domain_acc", "ood_domain_acc", "ms_per_query")}
+        out[router] = {"flan": {**pooled, "n": int(n.sum()), "folds": len(folds),
+                                "per_fold_top1": [f["top1_task_acc"] for f in folds]}}
+    if scale.flan_unseen:
+        keys = sorted(groups)
+        random.Random("unseen-tasks").shuffle(keys)
+        unseen = set(keys[:FLAN_UNSEEN_TASKS])
+        train = [r for k, rows in groups.items() if k not in unseen for r in rows[FLAN_HELD_OUT:]]
+        pool_domains = {r.domain for r in train}
+        queries = [r for k in sorted(unseen) for r in groups[k] if r.domain in pool_domains]
+        split = run_split("flan-unseen", train, queries, work, scale.flan, None, ood=False, train_s=train_s)
+        for router, res in split.items():
+            out[router]["flan_unseen"] = {"domain_acc": res["domain_acc"], "n": res["n"], "tasks": sorted(unseen),
+                                          "ms_per_query": res["ms_per_query"]}
+    return out
+
+
+def summarise(results: dict[str, dict]) -> dict[str, dict]:
+    rows = {}
+    for router, cells in results.items():
+        row, ms, n = {}, 0.0, 0
+        if "tasa_input" in cells:
+            row["tasa_input_top1"] = cells["tasa_input"]["top1_task_acc"]
+        if "tasa_instruction" in cells:
+            row["tasa_instruction_top1"] = cells["tasa_instruction"]["top1_task_acc"]
+        if "flan" in cells:
+            f = cells["flan"]
+            row.update({"flan_top1": f["top1_task_acc"], "flan_top3": f["top3_task_acc"],
+                        "flan_domain": f["domain_acc"], "flan_ood_domain": f["ood_domain_acc"]})
+        if "flan_unseen" in cells:
+            row["flan_unseen_domain"] = cells["flan_unseen"]["domain_acc"]
+        for name, cell in cells.items():
+            if name == "flan_unseen":
+                continue
+            ms += cell["ms_per_query"] * cell["n"]
+            n += cell["n"]
+        row["ms_per_query"] = ms / n if n else None
+        rows[router] = row
+    return rows
+
+
+def table(rows: dict[str, dict]) -> str:
+    lines = ["router      " + "".join(f"{title:>14}" for _, title in COLUMNS)]
+    for router, row in rows.items():
+        cells = []
+        for key, _ in COLUMNS:
+            v = row.get(key)
+            cells.append(f"{'-':>14}" if v is None else f"{v:>14.1f}" if key == "ms_per_query" else f"{v:>14.3f}")
+        lines.append(f"{router:<12}" + "".join(cells))
+    lines.append("target      " + "".join(f"{TARGETS[k]:>14.2f}" if k in TARGETS else f"{'':>14}" for k, _ in COLUMNS))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasa", type=Path, default=Path("../shared/data/tasa"), help="TASA tree <domain>/<task>/*.jsonl")
+    ap.add_argument("--flan", type=Path, default=Path("../shared/data/flan48/validation.jsonl"), help="FLAN-48 JSONL")
+    ap.add_argument("--quick", action="store_true", help="fewer samples, one epoch, one FLAN fold (minutes)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (this machine has 2 cores)")
+    ap.add_argument("--work", type=Path, default=None, help="keep the catalogs here (default: a temp dir)")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(args.threads)
+    scale = QUICK if args.quick else FULL
+    present = {name: p for name, p in (("tasa", args.tasa), ("flan", args.flan)) if p.exists()}
+    for name, p in (("tasa", args.tasa), ("flan", args.flan)):
+        if name not in present:
+            log(f"skipping {name}: {p} not found")
+    if not present:
+        summary = {"skipped": "no data: pass --tasa DIR and/or --flan FILE"}
+        print(json.dumps(summary))
+        return summary
+    started = time.perf_counter()
+    results: dict[str, dict] = {}
+    train_s: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="sb-routing-quality-") as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for name, fn in (("tasa", tasa), ("flan", flan)):
+            if name in present:
+                for router, cells in fn(present[name], scale, work, train_s).items():
+                    results.setdefault(router, {}).update(cells)
+    rows = summarise(results)
+    print(table(rows))
+    summary = {"bench": "routing_quality", "quick": args.quick, "scale": asdict(scale), "routers": rows,
+               "train_seconds": {k: round(float(np.mean(v)), 1) for k, v in train_s.items()},
+               "per_task": {r: {c: cell.get("per_task") for c, cell in cells.items() if "per_task" in cell}
+                            for r, cells in results.items()},
+               "seconds": round(time.perf_counter() - started, 1)}
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Adapter training under Ray Train (2 workers, gloo) and Ray Train + DeepSpeed ZeRO-2: the adapters
+go into a catalog like single-process ones and hold the same weights (same global batches)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+# Minutes on 2 cores (Ray Train workers, DeepSpeed op compilation, killed-and-resumed runs).
+pytestmark = pytest.mark.slow
+from safetensors.torch import load_file
+
+from routing.catalog import Catalog
+from training.catalog_build import build_catalog
+from training.demo_corpus import demo_records
+from training.distributed import train_from_config
+from training.run_config import ConfigError, run_config
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = ["fin/sentiment", "legal/motion"]
+TRAIN = {"lr": 3.0e-3, "max_steps": 16, "batch_size": 8, "save_steps": 8, "warmup_steps": 4}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from training.distributed import ensure_ray
+
+    ensure_ray(dashboard=False, num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, tiny_base) -> Path:
+    out = tmp_path_factory.mktemp("single")
+    result = train_from_config(run_config(base_model="tiny-test", task=TASKS, train=TRAIN, output=str(out),
+                                          progress=False))
+    assert result["mode"] == "single"
+    return out
+
+
+def _same_weights(a: Path, b: Path, key: str) -> float:
+    wa, wb = load_file(a / key / "adapter_model.safetensors"), load_file(b / key / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+def _catalog(adapters: Path, tmp_path: Path, tiny_base: Path, encoder, keys: list[str]) -> Catalog:
+    records = [r for r in demo_records("val") if r.key in keys]
+    built = build_catalog(records, tmp_path / "catalog", adapters=adapters, base_model=("tiny-test", tiny_base),
+                          encoder=encoder)
+    catalog = Catalog.load(built.root)
+    assert sorted(catalog.tasks) == sorted(keys)
+    for key in keys:
+        assert catalog.tasks[key].lora["variant"] == "lora" and catalog.tasks[key].lora["r"] == 8
+    return catalog
+
+
+def test_ray_train_two_workers(ray_local, single, tmp_path, tiny_base, encoder):
+    out = tmp_path / "ray"
+    result = train_from_config(run_config(base_model="tiny-test", task=TASKS, train=TRAIN, workers=2,
+                                          output=str(out), progress=False))
+    assert result["mode"] == "ray_train" and result["workers"] == 2
+    for key in TASKS:
+        info = result["adapters"][key]
+        assert info["steps"] == 16
+        assert info["distributed"] == {"world_size": 2, "backend": "gloo", "deepspeed": False}
+        # 2 workers x 4 rows = the single process's 8-row batches, in the same order.
+        assert _same_weights(single, out, key) < 1e-5
+        config = json.loads((out / key / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"].startswith("tiny-")
+    assert not (out / ".ray-train").exists()
+    _catalog(out, tmp_path, tiny_base, encoder, TASKS)
+
+
+def test_ray_train_deepspeed_zero2(ray_local, single, tmp_path, tiny_base, encoder):
+    out = tmp_path / "ds"
+    result = train_from_config(run_config(base_model="tiny-test", task=TASKS[:1], train=TRAIN, workers=2,
+                                          deepspeed=str(REPO / "examples" / "deepspeed-zero2.json"),
+                                          output=str(out), progress=False))
+    assert result["mode"] == "ray_train+deepspeed"
+    ran = result["adapters"][TASKS[0]]["distributed"]
+    print("DeepSpeed ran with:", json.dumps(ran))
+    assert ran["deepspeed"] is True and ran["zero_stage"] == 2 and ran["backend"] == "gloo"
+    assert ran["world_size"] == 2 and ran["micro_batch_per_worker"] == 4 and ran["train_batch_size"] == 8
+    assert ran["optimizer"] == "DeepSpeedZeroOptimizer" and ran["base_optimizer"] == "AdamW"  # torch's, nothing compiled
+    assert _same_weights(single, out, TASKS[0]) < 1e-5
+    assert not any(out.rglob("global_step*")), "DeepSpeed checkpoint shards left behind"
+    _catalog(out, tmp_path, tiny_base, encoder, TASKS[:1])
+
+
+def test_placement_checks():
+    with pytest.raises(ConfigError, match="train.batch_size 8 must be divisible by workers=3"):
+        run_config(output="x", workers=3, train=TRAIN)
+    with pytest.raises(ConfigError, match="deepspeed: zero_optimization.stage 3"):
+        run_config(output="x", workers=2, train=TRAIN, deepspeed={"zero_optimization": {"stage": 3}})
+    assert run_config(output="x", workers=1).train_workers() == 0        # one worker = a single process
+    assert run_config(output="x", workers=2, train=TRAIN).train_workers() == 2
+    assert run_config(output="x", workers=0, deepspeed={}).train_workers() == 1  # DeepSpeed always runs under Ray

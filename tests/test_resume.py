@@ -1,0 +1,93 @@
+"""Interrupted training resumes: `python -m training.train --config` killed (SIGKILL) after its first
+checkpoint, run again, says `resumed from step N` and ends with the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+# Minutes on 2 cores (Ray Train workers, DeepSpeed op compilation, killed-and-resumed runs).
+pytestmark = pytest.mark.slow
+import yaml
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+TASK = "fin/sentiment"
+
+
+def _config(tmp_path: Path, name: str) -> Path:
+    cfg = {"base_model": "tiny-test", "tasks": "demo", "task": [TASK], "lora": {"variant": "lora", "r": 4, "alpha": 8},
+           "train": {"lr": 3.0e-3, "max_steps": 60, "batch_size": 8, "save_steps": 10, "warmup_steps": 5},
+           "workers": 0, "output": str(tmp_path / name), "progress": False}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _command(config: Path) -> list[str]:
+    return [sys.executable, "-m", "training.train", "--config", str(config)]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def _run(config: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run(_command(config), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _weights(out: Path) -> dict:
+    return load_file(out / TASK / "adapter_model.safetensors")
+
+
+def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, tiny_base):
+    reference = _run(_config(tmp_path, "uninterrupted"))
+    assert "resumed from step" not in reference.stderr
+
+    config = _config(tmp_path, "interrupted")
+    ckpts = tmp_path / "interrupted" / TASK / "checkpoints"
+    proc = subprocess.Popen(_command(config), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(ckpts.glob("checkpoint-*/trainer_state.json")):
+            assert proc.poll() is None, "training ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "interrupted" / TASK / "training.json").exists(), "killed too late: it had finished"
+
+    resumed = _run(config)
+    assert "resumed from step" in resumed.stderr, resumed.stderr[-3000:]
+    result = json.loads(resumed.stdout.strip().splitlines()[-1])
+    step = result["adapters"][TASK]["resumed_from_step"]
+    assert step is not None and 10 <= step < 60, result
+    assert result["adapters"][TASK]["steps"] == 60
+
+    a, b = _weights(tmp_path / "uninterrupted"), _weights(tmp_path / "interrupted")
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-5, f"resumed weights differ from the uninterrupted run's by {worst}"
+    assert max(v.abs().max().item() for v in a.values()) > 1e-3  # the adapter did train
+
+
+def test_bad_config_names_the_key(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"tasks": "demo", "output": str(tmp_path / "o"), "lora": {"r": 0}}))
+    done = subprocess.run(_command(path), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "run.yaml: lora.r: must be >= 1" in done.stderr

@@ -1,0 +1,112 @@
+"""Ray Tune sweeps: a 4-trial sweep end to end (results, plot, early stops, exported catalog), the
+choice of the exported trial (DoRA never), and the sweep configs we ship."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from routing.catalog import Catalog
+from training.run_config import ConfigError, load_sweep_config, sweep_config
+from training.sweep import RESUMED, grid, pick_best, run_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+TASK = "fin/ticker"
+
+
+@pytest.mark.slow
+def test_small_sweep_end_to_end(tmp_path, tiny_base):
+    cfg = sweep_config(
+        base_model="tiny-test", tasks="demo", task=[TASK], variants=["lora", "rslora", "dora", "pissa"], r=[4],
+        alpha=[8], lr=[6.0e-3], train={"max_steps": 24, "batch_size": 8, "save_steps": 12, "warmup_steps": 2},
+        eval_every=6, val_per_task=10, max_concurrent=1,  # one at a time: which trials ASHA stops is deterministic
+        output=str(tmp_path / "sweep"), dashboard=False)
+    result = run_sweep(cfg)
+    print(json.dumps(result, indent=1))
+
+    assert result["trials"] == 4 and result["variants"] == ["dora", "lora", "pissa", "rslora"]
+    assert result["stopped_early"] >= 1, "ASHA stopped nothing"
+    assert result["completed"] + result["stopped_early"] == 4 and result["errors"] == 0
+    assert result["reports_per_trial"] == 4
+
+    out = tmp_path / "sweep"
+    rows = json.loads((out / "results.json").read_text())
+    with (out / "results.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 4
+    assert Path(result["results"]["plot"]).stat().st_size > 10_000
+    for row in rows:
+        if row["status"] == "stopped_early":
+            assert row["step"] < 24 and row["adapter"] is None
+        else:
+            assert row["step"] == 24 and Path(row["adapter"], "training.json").is_file()
+
+    best = result["best"][TASK]
+    assert best["variant"] != "dora"
+    assert set(best) >= {"variant", "r", "alpha", "lr", "metric"}
+    catalog = Catalog.load(result["catalog"])
+    assert catalog.version == result["catalog_version"] and Path(result["catalog"]).parent == out / "catalogs"
+    assert catalog.keys == [TASK]
+    assert catalog.tasks[TASK].lora["variant"] == best["variant"]
+    exported = catalog.adapter_path(TASK) / "adapter_model.safetensors"
+    assert exported.read_bytes() == (Path(best["adapter"]) / "adapter_model.safetensors").read_bytes()
+
+
+def _row(variant, score, loss, status="completed", **kw):
+    return {"task": TASK, "variant": variant, "r": 4, "alpha": 8, "lr": 1e-3, "dropout": 0.0, "seed": 0,
+            "status": status, "reports": 4, "score": score, "eval_loss": loss,
+            "adapter": f"/a/{variant}" if status != "stopped_early" else None, **kw}
+
+
+def test_best_is_servable_and_dora_is_reported():
+    rows = [_row("dora", 1.0, 0.1), _row("lora", 0.9, 0.3), _row("pissa", 0.9, 0.2),
+            _row("rslora", 1.0, 0.05, status="stopped_early")]
+    best, passed = pick_best(rows, "score")
+    assert best[TASK]["variant"] == "pissa"          # tie on score: lower eval loss; stopped trials never
+    assert passed[TASK]["variant"] == "dora" and "refused" in passed[TASK]["reason"]
+    best, passed = pick_best(rows, "eval_loss")
+    assert best[TASK]["variant"] == "pissa" and passed[TASK]["variant"] == "dora"
+    best, _ = pick_best([_row("dora", 1.0, 0.1), _row("lora", 0.5, 0.5, status=RESUMED)], "score")
+    assert best[TASK]["variant"] == "lora"          # finished after the sweep: exportable
+    assert pick_best([_row("dora", 1.0, 0.1)], "score")[0] == {}
+
+
+def test_grid_is_shuffled_and_complete():
+    cfg = sweep_config(variants=["lora", "dora"], r=[4, 8], alpha=[8, 16], lr=[1.0e-3, 3.0e-3], num_samples=2)
+    points = grid(cfg, ["a/b", "c/d"])
+    assert len(points) == 2 * cfg.grid_size() == 64
+    assert len({json.dumps(p, sort_keys=True) for p in points}) == 64
+    ordered = sorted(points, key=lambda p: (p["task"], p["variant"], p["r"], p["alpha"], p["lr"], p["seed"]))
+    assert points != ordered
+    assert points == grid(cfg, ["a/b", "c/d"])      # the order is a function of shuffle_seed
+
+
+def test_shipped_sweep_configs_validate(tmp_path):
+    smoke = load_sweep_config(REPO / "examples" / "sweep-smoke.yaml")
+    assert smoke.variants == ["lora", "rslora", "dora", "pissa"] and len(smoke.task) == 2
+    configmap = yaml.safe_load((REPO / "k8s" / "sweep-configmap.yaml").read_text())
+    path = tmp_path / "sweep.yaml"
+    path.write_text(configmap["data"]["sweep.yaml"])
+    k8s = load_sweep_config(path)
+    assert k8s.train_workers() == 2 and k8s.use_gpu and k8s.scheduler == "asha"
+    assert str(k8s.catalog_dir) == "/mnt/catalogs" and k8s.output.startswith("/mnt/switchboard/")
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"r": [4, 0]}, "sweep.yaml: r: every value must be >= 1, got 0"),
+    ({"variants": ["lora", "qlora"]}, "sweep.yaml: variants.1: must be one of"),
+    ({"scheduler": "pbt"}, "sweep.yaml: scheduler: must be one of 'asha' or 'fifo'"),
+    ({"asha": {"reduction_factor": 1}}, "sweep.yaml: asha.reduction_factor: must be > 1"),
+    ({"lr": []}, "sweep.yaml: lr: must have at least 1 item(s)"),
+    ({"workers": 2, "train": {"batch_size": 5}}, "train.batch_size 5 must be divisible by workers=2"),
+    ({"epochs": 3}, "sweep.yaml: epochs: unknown key"),
+])
+def test_bad_sweep_config_names_the_key(tmp_path, bad, message):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError) as e:
+        load_sweep_config(path)
+    assert message in str(e.value)

@@ -1,0 +1,182 @@
+"""One sweep trial, as Ray Tune runs it: train an adapter, report eval loss and the task metric every
+`eval_every` steps (the early-stopping scheduler's input, shown live in the Ray dashboard), then score
+the saved adapter once more and report that as the trial's final result.
+
+The final score is measured on the adapter as exported (PiSSA already converted to a plain LoRA
+delta on the unmodified base), so the sweep's "best" is the artefact the catalog will serve.
+Also here: `PerTaskASHA`, which keeps trials of different tasks from competing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import TrainerCallback
+
+from routing.metrics import score
+from routing.templates import render
+from training.adapter import LoraSpec, TrainSpec, _Collator, _encode, generate_answers, train_adapter
+from training.records import Record
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, tokenizer, records: list[Record], template: str, text_mode: str, metric: str,
+             max_length: int, batch_size: int = 32) -> dict[str, float]:
+    """Mean answer-token loss (the training loss, on held-out rows) and the task metric of greedy answers."""
+    was_training = model.training
+    model.eval()
+    examples, _ = _encode(tokenizer, records, template, text_mode, max_length)
+    collate = _Collator(tokenizer.pad_token_id)
+    total, tokens = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(model.device) for k, v in collate(examples[i:i + batch_size]).items()}
+        n = int((batch["labels"][:, 1:] != -100).sum())  # tokens the loss averages over (shifted labels)
+        total += model(**batch).loss.item() * n
+        tokens += n
+    answer_tokens = max(len(tokenizer(r.output, add_special_tokens=False)["input_ids"]) for r in records)
+    prompts = [render(template, r.text(text_mode)) for r in records]
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=answer_tokens + 2)
+    result = {"eval_loss": total / max(tokens, 1),
+              "score": sum(score(metric, a, r.output) for a, r in zip(answers, records)) / len(records)}
+    model.train(was_training)
+    return result
+
+
+def evaluate_saved(base_path: Path, adapter: Path, records: list[Record], template: str, text_mode: str,
+                   metric: str, max_length: int) -> dict[str, float]:
+    """`evaluate` on an adapter directory loaded onto a fresh copy of the base model."""
+    from peft import PeftModel
+
+    from routing.base_models import load_causal_lm
+
+    model, tokenizer = load_causal_lm(base_path)
+    return evaluate(PeftModel.from_pretrained(model, str(adapter)), tokenizer, records, template, text_mode, metric,
+                    max_length)
+
+
+class ReportEvery(TrainerCallback):
+    """Every `every` optimizer steps (not at the last: the final report follows from the saved adapter),
+    evaluate on rank 0 and report to Ray: `ray.tune.report` in a single-process trial,
+    `ray.train.report` on every rank of a Ray Train worker group (a collective call there)."""
+
+    def __init__(self, base_path: Path, records: list[Record], template: str, text_mode: str, metric: str,
+                 max_length: int, every: int, steps: int, distributed: bool):
+        self.base_path, self.records, self.template, self.text_mode = base_path, records, template, text_mode
+        self.metric, self.max_length, self.every, self.steps, self.distributed = (metric, max_length, every, steps,
+                                                                                  distributed)
+        self.tokenizer = None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        step = state.global_step
+        if step % self.every or step >= self.steps:
+            return
+        metrics: dict[str, Any] = {}
+        if state.is_world_process_zero:
+            if self.tokenizer is None:
+                from routing.base_models import load_tokenizer
+
+                self.tokenizer = load_tokenizer(self.base_path)
+            metrics = evaluate(model, self.tokenizer, self.records, self.template, self.text_mode, self.metric,
+                               self.max_length)
+        metrics.update(step=step, final=False)
+        if self.distributed:
+            import ray.train
+
+            ray.train.report(metrics)
+        else:
+            from ray import tune
+
+            tune.report(metrics)
+
+
+# ---- the trainable ------------------------------------------------------------------------------
+def trial_tag(point: dict) -> str:
+    return (f"{point['variant']}-r{point['r']}-a{point['alpha']}-lr{point['lr']:g}-d{point['dropout']:g}"
+            f"-s{point['seed']}")
+
+
+def trial_specs(point: dict, data: dict) -> tuple[LoraSpec, TrainSpec, Path]:
+    """What a grid point trains, and where its adapter goes."""
+    s = data["settings"]
+    lora = LoraSpec(variant=point["variant"], r=point["r"], alpha=point["alpha"], dropout=point["dropout"],
+                    target_modules=tuple(s["target_modules"]))
+    train = TrainSpec(**{**s["schedule"], "lr": point["lr"], "seed": point["seed"]})
+    return lora, train, Path(s["output"]) / "trials" / point["task"] / trial_tag(point)
+
+
+def train_point(point: dict, data: dict, callbacks: list = ()) -> dict:
+    """Train (or resume, or find finished) a grid point's adapter, then score the saved adapter."""
+    task, s, base_path = data["tasks"][point["task"]], data["settings"], Path(data["base_path"])
+    lora, train, out = trial_specs(point, data)
+    started = time.monotonic()
+    if s["workers"] > 0:
+        from training.distributed import train_adapters_distributed
+
+        job = {"key": point["task"], "records": task["train"], "template": task["template"], "out": str(out)}
+        train_adapters_distributed(base_path, [job], lora=lora, train=train, text_mode=s["text_mode"],
+                                   workers=s["workers"], use_gpu=s["use_gpu"], deepspeed=s["deepspeed"],
+                                   progress=False, callbacks=callbacks, storage=s["storage"], name="trial")
+    else:
+        train_adapter(base_path, task["train"], task["template"], out, lora=lora, train=train,
+                      text_mode=s["text_mode"], progress=False, callbacks=callbacks)
+    final = evaluate_saved(base_path, out, task["val"], task["template"], s["text_mode"], task["metric"],
+                           train.max_length)
+    return {**final, "step": task["steps"], "adapter": str(out), "train_seconds": round(time.monotonic() - started, 2)}
+
+
+def run_trial(config: dict, data: dict) -> None:
+    """Ray Tune function trainable. `config["point"]` is one grid point; `data` what every trial shares."""
+    from ray import tune
+
+    point, s = config["point"], data["settings"]
+    task = data["tasks"][point["task"]]
+    torch.set_num_threads(s["threads"])
+    _, train, _ = trial_specs(point, data)
+    reporter = ReportEvery(Path(data["base_path"]), task["val"], task["template"], s["text_mode"], task["metric"],
+                           train.max_length, s["eval_every"], task["steps"], distributed=s["workers"] > 0)
+    tune.report({**train_point(point, data, [reporter]), "final": True})
+
+
+def reports_per_trial(steps: int, every: int) -> int:
+    """Intermediate reports at every multiple of `every` below `steps`, then the final one."""
+    return math.ceil(steps / every)
+
+
+# ---- scheduling ---------------------------------------------------------------------------------
+def per_task_asha(make: Callable[[], Any]):
+    """A scheduler holding one ASHA per task (`config["point"]["task"]`): a hard task's trials are only
+    compared with each other, never cut because an easy task's trials score higher."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    class PerTaskASHA(FIFOScheduler):
+        def __init__(self):
+            super().__init__()
+            self._by_task: dict[str, Any] = {}
+
+        def _of(self, trial):
+            key = trial.config["point"]["task"]
+            if key not in self._by_task:
+                self._by_task[key] = make()
+            return self._by_task[key]
+
+        def on_trial_add(self, tune_controller, trial):
+            self._of(trial).on_trial_add(tune_controller, trial)
+
+        def on_trial_result(self, tune_controller, trial, result):
+            return self._of(trial).on_trial_result(tune_controller, trial, result)
+
+        def on_trial_complete(self, tune_controller, trial, result):
+            self._of(trial).on_trial_complete(tune_controller, trial, result)
+
+        def on_trial_remove(self, tune_controller, trial):
+            self._of(trial)._trial_info.pop(trial.trial_id, None)
+
+        def debug_string(self) -> str:
+            return "\n".join(f"{key}: {s.debug_string()}" for key, s in sorted(self._by_task.items()))
+
+    return PerTaskASHA()
