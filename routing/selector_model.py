@@ -49,7 +49,7 @@ class SelectorModel:
         mask = batch["attention_mask"]                                   # (B, P)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)                   # (B, P): left padding shifts positions
         out = self.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True)
-        cache, prompt_len = out.past_key_values, mask.shape[1]
+        cache = out.past_key_values
         first = torch.log_softmax(out.logits[:, -1].float(), -1)         # (B, V): next-token after the prompt
         next_pos = positions[:, -1:] + 1                                 # (B, 1)
         scores = torch.empty(len(texts), len(self.labels))
@@ -62,6 +62,6 @@ class SelectorModel:
                                   position_ids=next_pos + torch.arange(len(ids) - 1))
                 logp = torch.log_softmax(step.logits.float(), -1)        # (B, m-1, V)
                 total += logp.gather(-1, label[:, 1:, None]).squeeze(-1).sum(-1)
-                cache.crop(prompt_len)
+                cache.crop(-(len(ids) - 1))                              # drop this label's tokens again
             scores[:, j] = total
         return scores

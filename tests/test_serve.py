@@ -85,3 +85,26 @@ def test_bad_requests_get_status_codes_not_tracebacks(served, kwargs, code, mess
         client.generate(text, **kwargs)
     assert err.value.code() == code
     assert message in err.value.details() and "Traceback" not in err.value.details()
+
+
+@pytest.mark.slow
+def test_smollm2_adapter_served_over_grpc(tmp_path, free_port):
+    """The real pretrained base (SmolLM2-135M-Instruct from its GGUF) behind the same app."""
+    from training.base_model import resolve_base_model
+
+    base = resolve_base_model("smollm2", progress=False)
+    key = "med/dose"
+    train_adapters(base, [r for r in demo_records("train") if r.key == key][:16], tmp_path / "adapters",
+                   train=TrainSpec(max_steps=2, batch_size=4, save_steps=2), progress=False)
+    catalog = build_catalog([r for r in demo_records("val") if r.key == key], tmp_path / "catalog",
+                            adapters=tmp_path / "adapters", base_model=("smollm2", base))
+    port = free_port()
+    launch.start(launch.load_config(args={"catalog": str(catalog.root), "max_new_tokens": 4}, grpc_port=port,
+                                    http_port=free_port()))
+    try:
+        with SwitchboardClient(f"127.0.0.1:{port}") as client:
+            assert client.health().base_model == catalog.base_model["id"]
+            reply = client.generate("The patient weighs 7 kg; the dose is 3 mg/kg.", max_new_tokens=4)
+            assert reply.decision.tasks[0].task == key and 1 <= reply.new_tokens <= 4
+    finally:
+        launch.stop()
