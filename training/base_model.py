@@ -80,7 +80,7 @@ class TinyConfig:
 
 TINY = TinyConfig()
 TINY_TEST = TinyConfig(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=192,
-                       max_position_embeddings=128, pretrain_steps=150, seq_len=96, batch_size=16, lr=3e-3)
+                       max_position_embeddings=128, pretrain_steps=300, seq_len=96, batch_size=16, lr=3e-3)
 
 
 def _log(msg: str) -> None:
