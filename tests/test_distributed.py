@@ -101,3 +101,17 @@ def test_placement_checks():
     assert run_config(output="x", workers=1).train_workers() == 0        # one worker = a single process
     assert run_config(output="x", workers=2, train=TRAIN).train_workers() == 2
     assert run_config(output="x", workers=0, deepspeed={}).train_workers() == 1  # DeepSpeed always runs under Ray
+
+
+def test_train_from_config_selector(tmp_path, tiny_base, encoder):
+    """kind: selector trains the AS selector over a catalog and writes a new catalog version."""
+    keys = TASKS
+    base = build_catalog([r for r in demo_records("val") if r.key in keys], tmp_path / "base", encoder=encoder)
+    result = train_from_config(run_config(kind="selector", base_model="tiny-test", task=keys, catalog=str(base.root),
+                                          per_task=8, train={"max_steps": 6, "batch_size": 8},
+                                          output=str(tmp_path / "v2"), progress=False))
+    assert result["kind"] == "selector" and result["parent"] == base.version
+    new = Catalog.load(result["catalog"])
+    assert "selector" in new.routers and new.parent == base.version
+    with pytest.raises(ConfigError, match="kind 'selector' trains in one process"):
+        run_config(kind="selector", catalog="c", output="o", workers=2, train=TRAIN)

@@ -53,6 +53,12 @@ def test_small_sweep_end_to_end(tmp_path, tiny_base):
     assert catalog.tasks[TASK].lora["variant"] == best["variant"]
     exported = catalog.adapter_path(TASK) / "adapter_model.safetensors"
     assert exported.read_bytes() == (Path(best["adapter"]) / "adapter_model.safetensors").read_bytes()
+    # servable: the fused multi-LoRA layer (what the Generator runs) takes the exported adapter
+    from routing.base_models import load_causal_lm
+    from routing.lora import FusedLoraModel
+
+    fused = FusedLoraModel(load_causal_lm(tiny_base)[0], max_loras=2, max_rank=16)
+    fused.load_adapter(TASK, catalog.adapter_path(TASK))
 
 
 def _row(variant, score, loss, status="completed", **kw):

@@ -78,16 +78,23 @@ def _train_one(job: Job, base_path: Path, lora: LoraSpec, train: TrainSpec, text
     base_id = base_model_id(base_path)
     fingerprint = placement_fingerprint(_fingerprint(base_id, records, template, text_mode, lora, train), world,
                                         deepspeed)
+    lock = None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = _lock(out, name)  # from here on nobody else writes into `out`: every rank sees one state
+    _barrier()
     if _is_done(out, fingerprint):
         if rank == 0:
             _log(f"{name}: up to date in {out}")
-        _barrier()  # nobody may start on the next job while rank 0 still reads this one
-        return json.loads((out / "training.json").read_text())
+        summary = json.loads((out / "training.json").read_text())
+        _barrier()
+        if lock:
+            lock.close()
+        return summary
 
     started = time.monotonic()
     staging = out / ".staging"
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         _prepare(out, fingerprint)
         shutil.rmtree(staging, ignore_errors=True)
     _barrier()
@@ -127,10 +134,10 @@ def _train_one(job: Job, base_path: Path, lora: LoraSpec, train: TrainSpec, text
     if rank == 0:
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         if lora.variant == "pissa":
-            peft_model.save_pretrained(staging / "adapter",
+            peft_model.save_pretrained(staging / "adapter", safe_serialization=True,
                                        path_initial_model_for_weight_conversion=str(staging / "pissa-init"))
         else:
-            peft_model.save_pretrained(staging / "adapter")
+            peft_model.save_pretrained(staging / "adapter", safe_serialization=True)
         summary = {
             "tasks": sorted(group_by_task(records)), "n_records": len(records), "steps": trainer.state.global_step,
             "final_loss": round(losses[-1], 5) if losses else None, "seconds": round(time.monotonic() - started, 2),
@@ -140,8 +147,26 @@ def _train_one(job: Job, base_path: Path, lora: LoraSpec, train: TrainSpec, text
         _publish(staging / "adapter", out, base_id, summary)
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+        lock.close()
     _barrier()
     return json.loads((out / "training.json").read_text())
+
+
+def _lock(out: Path, name: str):
+    """Hold `out/.lock` (flock, released when the process dies, however it dies) while training into `out`.
+
+    Killing a driver (Ctrl-C, SIGKILL) does not stop its Ray workers at once: they may write a few more
+    checkpoints before Ray reaps them. A new run of the same adapter waits for them instead of racing them.
+    """
+    import fcntl
+
+    f = open(out / ".lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        _log(f"{name}: another run is training into {out}; waiting for it to end")
+        fcntl.flock(f, fcntl.LOCK_EX)
+    return f
 
 
 def _describe(trainer, world: int) -> dict:

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from training.adapter import DEFAULT_TARGETS, VARIANTS, LoraSpec, TrainSpec
 
 DEMO = "demo"
+_LORA, _TRAIN = LoraSpec(), TrainSpec()  # defaults come from training.adapter, so the two never disagree
 Variant = Literal["lora", "rslora", "dora", "pissa"]
 TextMode = Literal["input", "instruction+input"]
 
@@ -53,10 +54,10 @@ def _check_records(v: str) -> str:
 class LoraConfig(_Strict):
     """The adapter to train (see `training.adapter.LoraSpec`)."""
 
-    variant: Variant = Field("lora", description="lora | rslora | dora | pissa")
-    r: int = Field(8, ge=1, description="rank")
-    alpha: int = Field(16, ge=1, description="scale numerator (alpha / r, or alpha / sqrt(r) for rslora)")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    variant: Variant = Field(_LORA.variant, description="lora | rslora | dora | pissa")
+    r: int = Field(_LORA.r, ge=1, description="rank")
+    alpha: int = Field(_LORA.alpha, ge=1, description="scale numerator (alpha / r, or alpha / sqrt(r) for rslora)")
+    dropout: float = Field(_LORA.dropout, ge=0, lt=1)
     target_modules: list[str] = Field(list(DEFAULT_TARGETS), min_length=1, description="module names LoRA wraps")
 
     def to_spec(self) -> LoraSpec:
@@ -65,14 +66,14 @@ class LoraConfig(_Strict):
 
 
 class _Schedule(_Strict):
-    epochs: float = Field(8.0, gt=0, description="used when max_steps is null")
-    max_steps: int | None = Field(200, ge=1, description="optimizer steps; null: from epochs")
-    batch_size: int = Field(16, ge=1, description="global batch: split across workers, so any worker count sees "
-                                                  "the same batches")
-    seed: int = 0
-    max_length: int = Field(128, ge=8, description="prompt + answer tokens")
-    save_steps: int = Field(50, ge=1, description="checkpoint every this many steps (resume point)")
-    warmup_steps: int = Field(10, ge=0)
+    epochs: float = Field(_TRAIN.epochs, gt=0, description="used when max_steps is null")
+    max_steps: int | None = Field(_TRAIN.max_steps, ge=1, description="optimizer steps; null: from epochs")
+    batch_size: int = Field(_TRAIN.batch_size, ge=1, description="global batch: split across workers, so any "
+                                                                 "worker count sees the same batches")
+    seed: int = _TRAIN.seed
+    max_length: int = Field(_TRAIN.max_length, ge=8, description="prompt + answer tokens")
+    save_steps: int = Field(_TRAIN.save_steps, ge=1, description="checkpoint every this many steps (resume point)")
+    warmup_steps: int = Field(_TRAIN.warmup_steps, ge=0)
 
     def to_spec(self, lr: float) -> TrainSpec:
         return TrainSpec(lr=lr, epochs=self.epochs, max_steps=self.max_steps, batch_size=self.batch_size,
@@ -83,7 +84,7 @@ class _Schedule(_Strict):
 class TrainConfig(_Schedule):
     """How long and how fast (see `training.adapter.TrainSpec`)."""
 
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(_TRAIN.lr, gt=0)
 
     def to_spec(self, lr: float | None = None) -> TrainSpec:
         return super().to_spec(self.lr if lr is None else lr)
