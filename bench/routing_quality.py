@@ -16,11 +16,12 @@ Protocol (all splits seeded, nothing tuned on the held-out parts):
 --quick: 20 held-out TASA queries per task, 64 index/training samples per task and one epoch on
 TASA, one FLAN fold with 3 epochs (plus the unseen split). Indicative only; the full run is the result.
 
-Adding a router: put its name in ROUTERS with the artefact it needs, and, if that artefact is
-trained, a function in TRAINERS (catalog, train records, out dir, Setting) -> derived catalog. The
-AS selector, for instance (training/selector.py):
+Adding a router: a row in ROUTERS, `label: (registered router name, artefact label or None)`, and
+for a trained artefact a function in TRAINERS, `(catalog, train records, out dir, Setting) ->
+derived catalog`. The AS selector, for instance (training/selector.py):
     TRAINERS["selector"] = lambda cat, recs, out, s: train_selector(cat, recs, out, base_model_path, ...)
-    ROUTERS["selector"] = "selector"
+    ROUTERS["selector"] = ("selector", "selector")
+--ablation adds a row for the classifier trained without domain smoothing.
 Progress goes to stderr, the table to stdout, and the last stdout line is one JSON object.
 """
 
@@ -40,14 +41,18 @@ from typing import Callable
 import numpy as np
 import torch
 
-from routing.catalog import Catalog
-from routing.encoder import shared_encoder
-from routing.evaluation import evaluate_routing
-from routing.routers import ROUTERS as REGISTERED, Router
-from routing.routers.classifier import ClassifierRouter
-from training.catalog_build import build_catalog
-from training.records import Record, group_by_task, load_records, split_per_task
-from training.router_training import train_classifier
+# Run as `python bench/routing_quality.py`, bench/ comes first on sys.path: the repository must win
+# (a bench/training.py would otherwise shadow the training package).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from routing.catalog import Catalog  # noqa: E402
+from routing.encoder import shared_encoder  # noqa: E402
+from routing.evaluation import evaluate_routing  # noqa: E402
+from routing.routers import ROUTERS as REGISTERED, Router  # noqa: E402
+from routing.routers.classifier import ClassifierRouter  # noqa: E402
+from training.catalog_build import build_catalog  # noqa: E402
+from training.records import Record, group_by_task, load_records, split_per_task  # noqa: E402
+from training.router_training import train_classifier  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -72,8 +77,11 @@ class Scale:
     flan_unseen: bool = True         # the unseen-task split (one more training)
 
 
-FULL = Scale(None, 200, Setting("input", 300, 2.0, 50), 5, Setting("input", None, 4.0, 2))
-QUICK = Scale(20, 64, Setting("input", 64, 1.0, 10), 1, Setting("input", None, 3.0, 2))
+# TASA texts are short (median 25 tokens): 64 with head+tail truncation; FLAN prompts run longer.
+FULL = Scale(None, 200, Setting("input", 300, 2.0, 50, max_length=64, domain_smoothing=0.1), 5,
+             Setting("input", None, 3.0, 2, max_length=128, domain_smoothing=0.1))
+QUICK = Scale(20, 64, Setting("input", 64, 1.0, 10, max_length=64, domain_smoothing=0.1), 1,
+              Setting("input", None, 3.0, 2, max_length=128, domain_smoothing=0.1))
 FLAN_FOLDS, FLAN_HELD_OUT, FLAN_UNSEEN_TASKS = 5, 4, 12
 
 Trainer = Callable[[Catalog, list[Record], Path, Setting], Catalog]
@@ -85,9 +93,12 @@ def _classifier(catalog: Catalog, records: list[Record], out: Path, s: Setting) 
                             domain_smoothing=s.domain_smoothing, progress=True)
 
 
-# Trained artefacts: name -> trainer.  Routers: name -> the artefact its catalog needs (None: training-free).
+# Trained artefacts: label -> trainer.  Rows: label -> (router name, artefact its catalog needs; None: training-free).
 TRAINERS: dict[str, Trainer] = {"classifier": _classifier}
-ROUTERS: dict[str, str | None] = {"centroid": None, "classifier": "classifier"}
+ROUTERS: dict[str, tuple[str, str | None]] = {"centroid": ("centroid", None), "classifier": ("classifier", "classifier")}
+ABLATION_TRAINERS: dict[str, Trainer] = {
+    "classifier-ds0": lambda cat, recs, out, s: _classifier(cat, recs, out, replace(s, domain_smoothing=0.0))}
+ABLATION_ROUTERS: dict[str, tuple[str, str | None]] = {"classifier-ds0": ("classifier", "classifier-ds0")}
 ROUTER_CLASSES: dict[str, type[Router]] = {**REGISTERED, "classifier": ClassifierRouter}  # until it is registered
 COLUMNS = [("tasa_input_top1", "TASA in"), ("tasa_instruction_top1", "TASA ins+in"), ("flan_top1", "FLAN top1"),
            ("flan_top3", "FLAN top3"), ("flan_domain", "FLAN dom"), ("flan_ood_domain", "FLAN OOD dom"),
@@ -136,24 +147,24 @@ def run_split(name: str, train: list[Record], test: list[Record], work: Path, se
     base = build_catalog(train, work / f"{name}-base", text_mode=setting.text_mode, per_task=index_per_task,
                          seed=setting.seed)
     catalogs: dict[str | None, Catalog] = {None: base}
-    for artefact in dict.fromkeys(a for a in ROUTERS.values() if a is not None):
+    for artefact in dict.fromkeys(a for _, a in ROUTERS.values() if a is not None):
         started = time.perf_counter()
         catalogs[artefact] = TRAINERS[artefact](base, train, work / f"{name}-{artefact}", setting)
         train_s.setdefault(artefact, []).append(time.perf_counter() - started)
     texts, keys = [r.text(setting.text_mode) for r in test], [r.key for r in test]
     embedder = CachedEmbedder(texts)
     out = {}
-    for router_name, artefact in ROUTERS.items():
+    for label, (router_name, artefact) in ROUTERS.items():
         router = ROUTER_CLASSES[router_name](catalogs[artefact])
         res = evaluate_routing(router, texts, keys, embed=embedder.embed)
         res["ms_per_query"] += embedder.ms_per_query if router.needs_embedding else 0.0
         if ood:
             _memoize_logits(router)
             res["ood_domain_acc"] = evaluate_routing(router, texts, keys, embed=embedder.embed, ood=True)["domain_acc"]
-        log(f"{name} {router_name}: top1 {res['top1_task_acc']:.3f} top3 {res['top3_task_acc']:.3f} "
+        log(f"{name} {label}: top1 {res['top1_task_acc']:.3f} top3 {res['top3_task_acc']:.3f} "
             f"domain {res['domain_acc']:.3f}" + (f" ood-domain {res['ood_domain_acc']:.3f}" if ood else "")
             + f" ({res['ms_per_query']:.1f} ms/query)")
-        out[router_name] = res
+        out[label] = res
     return out
 
 
@@ -249,11 +260,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="fewer samples, one epoch, one FLAN fold (minutes)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (this machine has 2 cores)")
     ap.add_argument("--work", type=Path, default=None, help="keep the catalogs here (default: a temp dir)")
+    ap.add_argument("--ablation", action="store_true", help="also the classifier without domain smoothing")
+    ap.add_argument("--flan-folds", type=int, default=None, help="override the number of FLAN folds (1..5)")
     args = ap.parse_args(argv)
+    if args.ablation:
+        TRAINERS.update(ABLATION_TRAINERS)
+        ROUTERS.update(ABLATION_ROUTERS)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(args.threads)
     scale = QUICK if args.quick else FULL
+    if args.flan_folds is not None:
+        scale = replace(scale, flan_folds=max(1, min(FLAN_FOLDS, args.flan_folds)))
     present = {name: p for name, p in (("tasa", args.tasa), ("flan", args.flan)) if p.exists()}
     for name, p in (("tasa", args.tasa), ("flan", args.flan)):
         if name not in present:
@@ -275,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = summarise(results)
     print(table(rows))
     summary = {"bench": "routing_quality", "quick": args.quick, "scale": asdict(scale), "routers": rows,
+               "rows": {label: {"router": r, "artefact": a} for label, (r, a) in ROUTERS.items()},
                "train_seconds": {k: round(float(np.mean(v)), 1) for k, v in train_s.items()},
                "per_task": {r: {c: cell.get("per_task") for c, cell in cells.items() if "per_task" in cell}
                             for r, cells in results.items()},

@@ -8,7 +8,7 @@ import pytest
 
 from routing.catalog import CatalogError, TaskEntry, write_catalog
 from routing.decision import RouteRequest
-from routing.routers.classifier import LABELS_FILE, ClassifierRouter
+from routing.routers.classifier import LABELS_FILE, ClassifierRouter, domain_soft_targets, fit_temperature
 from routing.templates import DEFAULT_TEMPLATE
 from training.catalog_build import build_catalog
 from training.records import Record
@@ -138,3 +138,12 @@ def test_training_rejects_records_for_unknown_tasks(base_catalog, tmp_path):
     with pytest.raises(ValueError, match="no records for catalog task"):
         train_classifier(base_catalog, [r for r in RECORDS if r.domain != "med"], tmp_path / "y", progress=False)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_domain_soft_targets_and_temperature_scaling():
+    t = domain_soft_targets(["a/x", "a/y", "a/z", "b/w"], 0.2).numpy()
+    assert np.allclose(t.sum(1), 1) and np.allclose(t[0], [0.8, 0.1, 0.1, 0]) and np.allclose(t[3], [0, 0, 0, 1])
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 4, 400)
+    logits = rng.normal(size=(400, 4)) + 4.0 * np.eye(4)[truth]
+    assert 0.7 < fit_temperature(logits * 3, truth) / 3 / fit_temperature(logits, truth) < 1.3   # scale-equivariant

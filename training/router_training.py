@@ -119,7 +119,7 @@ def train_classifier(catalog: Catalog, records: list[Record], out: str | Path, *
                      text_mode: ClassifierTextMode = "input", per_task: int | None = 300, epochs: float = 2.0,
                      seed: int = 0, progress: bool = True, prefix: str = "", max_length: int = 128,
                      batch_size: int = 32, learning_rate: float = 5e-5, head_learning_rate: float = 2e-3,
-                     domain_smoothing: float = 0.0, calibration_per_task: int = CALIBRATION_MAX,
+                     domain_smoothing: float = 0.1, calibration_per_task: int = CALIBRATION_MAX,
                      log: Callable[[str], None] | None = None) -> Catalog:
     """Fine-tune the catalog's encoder as a classifier over its task keys; return the derived catalog.
 

@@ -6,9 +6,10 @@ by a cosine head: one learned prototype per task,
     e = normalise(mean_pool(encoder(prefix + text)))          # (B, d)
     logits = exp(log_scale) * e @ normalise(prototypes).T     # (B, T)
 
-Training (`training/router_training.py::train_classifier`) starts the prototypes at the task
-centroids, so before any step the classifier *is* the LoRAuter centroid router; fine-tuning then
-moves both encoder and prototypes. A calibration temperature `T_cal` (temperature scaling, fitted
+Training (`training/router_training.py::train_classifier`) starts the prototypes at task centroids
+of the training texts, so before any step the classifier ranks tasks as a LoRAuter centroid router
+would; fine-tuning then moves encoder and prototypes (cross-entropy, optionally with part of each
+target spread over the task's domain peers, `domain_soft_targets`). A calibration temperature `T_cal` (temperature scaling, fitted
 on held-out training records) turns logits into probabilities p = softmax(logits / T_cal).
 
 How a request's temperature τ applies: over the pool (the excluded task, if any, removed and the
