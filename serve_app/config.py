@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from routing.catalog import Catalog
 from routing.decision import DEFAULT_TEMPERATURE, MAX_TOP_K
 
 MAX_NEW_TOKENS_LIMIT = 512
@@ -28,6 +29,8 @@ class AppArgs(BaseModel):
     max_batch_size: int = Field(16, ge=1, description="Generator batch: requests fused into one forward pass.")
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a partial batch waits for more requests.")
     max_loras: int = Field(16, ge=1, description="Adapters resident in a Generator replica (LRU beyond that).")
+    max_lora_rank: int | None = Field(None, ge=1, description="Largest adapter rank a Generator replica takes; "
+                                      "default: the catalog's largest. Raise it to switch to catalogs with larger ranks.")
     torch_threads: int = Field(1, ge=1, description="Per replica; replicas share the node's cores.")
 
     @field_validator("catalog")
@@ -36,3 +39,33 @@ class AppArgs(BaseModel):
         if not (Path(v) / "catalog.json").is_file():
             raise ValueError(f"{v} is not a catalog directory (no catalog.json)")
         return str(Path(v).resolve())
+
+
+class LiveConfig(BaseModel):
+    """A deployment's Serve `user_config`: what changes on running replicas without restarting them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    catalog: str = Field(description="Catalog directory to switch to (same base model and encoder).")
+
+
+def catalog_switch(user_config: dict, current: Catalog) -> Catalog | None:
+    """The catalog a replica should switch to on `reconfigure(user_config)`, or None when it already serves it.
+
+    Only catalogs with the replica's base model and encoder can be switched to in place: the base
+    model's weights are the Generator's, and the centroids must live in the Embedder's space. A
+    different one needs a new deployment (change `args.catalog` instead), so it is refused here.
+    """
+    try:
+        live = LiveConfig(**user_config)
+    except ValidationError as e:
+        raise ValueError(f"user_config: {e.errors(include_url=False)[0]['msg']} ({sorted(user_config)})") from None
+    new = Catalog.load(live.catalog)
+    if new.version == current.version:
+        return None
+    base_id = lambda c: (c.base_model or {}).get("id")  # noqa: E731
+    for what, same in (("base model", base_id(new) == base_id(current)), ("encoder", new.encoder == current.encoder)):
+        if not same:
+            raise ValueError(f"catalog {new.version} has another {what} than the served catalog {current.version}: "
+                             f"redeploy with args.catalog instead of switching in place")
+    return new

@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from ray import serve
@@ -13,7 +16,13 @@ from routing.decision import RouteDecision
 from routing.lora import AdapterStore, FusedLoraModel, Generation, generate
 from routing.templates import render
 
-from .config import AppArgs
+from .config import AppArgs, catalog_switch
+
+log = logging.getLogger("ray.serve")
+
+
+class CatalogChangedError(RuntimeError):
+    """The request was routed on a catalog version this replica has switched away from (retryable)."""
 
 
 @dataclass(frozen=True)
@@ -36,17 +45,37 @@ class Generator:
     def __init__(self, args: dict):
         cfg = AppArgs(**args)
         torch.set_num_threads(cfg.torch_threads)
-        self.catalog = Catalog.load(cfg.catalog)
-        if self.catalog.base_model is None:
-            raise CatalogError(f"catalog {self.catalog.version} is routing-only (no adapters): nothing to generate with")
-        model, self.tokenizer = load_causal_lm(locate_base_model(self.catalog.base_model["id"], cfg.base_model))
-        ranks = [t.lora["r"] for t in self.catalog.tasks.values() if t.lora]
-        self.fused = FusedLoraModel(model, max_loras=cfg.max_loras, max_rank=max(ranks, default=1))
-        self.store = AdapterStore(self.fused, {k: self.catalog.adapter_path(k) for k, t in self.catalog.tasks.items()
-                                               if t.adapter is not None})
+        catalog = Catalog.load(cfg.catalog)
+        if catalog.base_model is None:
+            raise CatalogError(f"catalog {catalog.version} is routing-only (no adapters): nothing to generate with")
+        model, self.tokenizer = load_causal_lm(locate_base_model(catalog.base_model["id"], cfg.base_model))
+        self.fused = FusedLoraModel(model, max_loras=cfg.max_loras, max_rank=cfg.max_lora_rank or _max_rank(catalog))
+        self.catalog = catalog
+        self.store = AdapterStore(self.fused, _adapter_paths(catalog))
         self.lock = threading.Lock()
         self.generate_batch.set_max_batch_size(cfg.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """Switch to another catalog version in place (Serve `user_config: {catalog: DIR}`; see
+        `serve_app.launch.switch_catalog`): no restart, the base model stays loaded.
+
+        Dropped adapters are evicted and new ones load on demand. The swap takes the batch lock, so
+        the batch running now finishes on the old version and every later batch runs on the new one.
+        """
+        catalog = catalog_switch(user_config, self.catalog)
+        if catalog is None:
+            return
+        if _max_rank(catalog) > self.fused.max_rank:
+            raise ValueError(f"catalog {catalog.version} has rank-{_max_rank(catalog)} adapters; this Generator takes "
+                             f"rank <= {self.fused.max_rank} (set args.max_lora_rank and redeploy)")
+        await asyncio.to_thread(self._switch, catalog)
+
+    def _switch(self, catalog: Catalog) -> None:
+        with self.lock:
+            self.store.swap_catalog(_adapter_paths(catalog))
+            self.catalog = catalog
+        log.info("generator: now serving catalog %s", catalog.version)
 
     def _routes(self, job: GenerationJob) -> list[tuple[str, float]]:
         if job.base_only:
@@ -67,12 +96,19 @@ class Generator:
                 groups.append(([row], need))
         return [rows for rows, _ in groups]
 
-    def _run(self, jobs: list[GenerationJob]) -> list[Generation]:
-        prompts = [render(self.catalog.tasks[j.decision.top].template, j.text) for j in jobs]
-        routes = [self._routes(j) for j in jobs]
-        out: list[Generation | None] = [None] * len(jobs)
-        with self.lock:  # the store and the layers' routing state serve one batch at a time
-            for rows in self._sub_batches(routes):
+    def _run(self, jobs: list[GenerationJob]) -> list[Generation | CatalogChangedError]:
+        out: list[Generation | CatalogChangedError | None] = [None] * len(jobs)
+        with self.lock:  # the store, the catalog and the layers' routing state serve one batch at a time
+            tasks = self.catalog.tasks
+            for i, j in enumerate(jobs):
+                if any(k not in tasks for k, _ in j.decision.tasks):
+                    out[i] = CatalogChangedError(f"route decision from catalog {j.decision.catalog_version} names "
+                                                 f"tasks that catalog {self.catalog.version} no longer has; retry")
+            live = [i for i, g in enumerate(out) if g is None]
+            prompts = {i: render(tasks[jobs[i].decision.top].template, jobs[i].text) for i in live}
+            routes = {i: self._routes(jobs[i]) for i in live}
+            for group in self._sub_batches([routes[i] for i in live]):
+                rows = [live[g] for g in group]
                 self.store.ensure(sorted({k for i in rows for k, _ in routes[i]}))
                 done = generate(self.fused, self.tokenizer, [prompts[i] for i in rows], [routes[i] for i in rows],
                                 max_new_tokens=[jobs[i].max_new_tokens for i in rows],
@@ -81,7 +117,25 @@ class Generator:
                     out[i] = g
         return out
 
+    def info(self) -> dict:
+        """The catalog version served, the resident adapters (LRU first) and the replica's process."""
+        return {"version": self.catalog.version, "resident": self.store.resident, "pid": os.getpid()}
+
+    async def generate(self, job: GenerationJob) -> Generation:
+        out = await self.generate_batch(job)
+        if isinstance(out, Exception):  # one request's error, not its whole batch's
+            raise out
+        return out
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def generate_batch(self, jobs: list[GenerationJob]) -> list[Generation]:
+    async def generate_batch(self, jobs: list[GenerationJob]) -> list[Generation | CatalogChangedError]:
         # Off the event loop, so the replica keeps accepting (and batching) requests meanwhile.
         return await asyncio.to_thread(self._run, jobs)
+
+
+def _adapter_paths(catalog: Catalog) -> dict[str, Path]:
+    return {k: catalog.adapter_path(k) for k, t in catalog.tasks.items() if t.adapter is not None}
+
+
+def _max_rank(catalog: Catalog) -> int:
+    return max((t.lora["r"] for t in catalog.tasks.values() if t.lora), default=1)

@@ -2,7 +2,8 @@
 
 Method names match `protos/switchboard/v1/switchboard.proto`; Serve's gRPC proxy calls them with the
 request message and a `grpc_context`. No exception escapes to the client as a traceback: bad input
-is INVALID_ARGUMENT, an unknown task NOT_FOUND, anything else INTERNAL with a request id to look up
+is INVALID_ARGUMENT, an unknown task NOT_FOUND, a request caught in a catalog switch UNAVAILABLE
+(retry), anything else INTERNAL with a request id to look up
 in the replica's log.
 """
 
@@ -23,7 +24,7 @@ from routing.decision import RouteDecision, RouteRequest
 from routing.routers import UnknownTaskError
 
 from .config import MAX_NEW_TOKENS_LIMIT, AppArgs
-from .generator import GenerationJob
+from .generator import CatalogChangedError, GenerationJob
 
 log = logging.getLogger("ray.serve")
 
@@ -33,6 +34,8 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
         exc = exc.cause
     if isinstance(exc, UnknownTaskError):
         return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, CatalogChangedError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     return None
@@ -94,7 +97,7 @@ class Ingress:
         job = GenerationJob(request.text, decision, request.max_new_tokens or self.cfg.max_new_tokens,
                             tuple(s for s in request.stop if s), request.base_only)
         started = time.perf_counter()
-        out = await self.generator.generate_batch.remote(job)
+        out = await self.generator.generate.remote(job)
         return pb.GenerateResponse(text=out.text, decision=_decision_pb(decision), new_tokens=out.new_tokens,
                                    finish_reason=out.finish_reason, route_ms=route_ms,
                                    generate_ms=1000 * (time.perf_counter() - started))

@@ -52,7 +52,52 @@ def start(config: dict, timeout_s: float = 600) -> None:
                                    grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
                                    proxy_location=schema.proxy_location)
     client.deploy_apps(schema, _blocking=False)
-    name = schema.applications[0].name
+    _wait_running(schema.applications[0].name, timeout_s)
+
+
+def switch_catalog(config: dict, catalog: str | Path, timeout_s: float = 300) -> dict:
+    """Move the running app to another catalog version without restarting a replica; return the new config.
+
+    Sets `user_config: {catalog: DIR}` on every deployment that holds the catalog and redeploys: Serve
+    treats a `user_config` change as a lightweight update and calls each replica's `reconfigure`
+    (see `Generator.reconfigure`). `serve deploy` of a YAML edited the same way does the same on a
+    cluster. Returns once the Router and the Generator answer with the new version.
+    """
+    from ray import serve
+
+    from routing.catalog import Catalog
+
+    from .config import catalog_switch
+
+    target = Catalog.load(catalog)
+    config = copy.deepcopy(config)
+    app = config["applications"][0]
+    served = next((d["user_config"]["catalog"] for d in app.get("deployments", [])
+                   if d["name"] == "Router" and "catalog" in d.get("user_config", {})), app["args"]["catalog"])
+    catalog_switch({"catalog": str(target.root)}, Catalog.load(served, verify=False))  # refuse here, not in replicas
+    holders = ["Router", "Generator"]
+    if "selector" in Catalog.load(app["args"]["catalog"], verify=False).routers:
+        holders.append("Selector")  # only deployed when the app's own catalog has a selector
+    entries = {d["name"]: d for d in app.setdefault("deployments", [])}
+    for name in holders:
+        if name not in entries:
+            entries[name] = {"name": name}
+            app["deployments"].append(entries[name])
+        entries[name]["user_config"] = {"catalog": str(target.root.resolve())}
+    start(config, timeout_s)
+    deadline = time.monotonic() + timeout_s
+    for name in ("Router", "Generator"):
+        handle = serve.get_deployment_handle(name, app["name"])
+        while handle.info.remote().result()["version"] != target.version:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} still serves another catalog {timeout_s:.0f} s after the switch")
+            time.sleep(0.2)
+    return config
+
+
+def _wait_running(name: str, timeout_s: float) -> None:
+    from ray import serve
+
     deadline = time.monotonic() + timeout_s
     while True:
         status = serve.status().applications.get(name)

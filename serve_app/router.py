@@ -10,7 +10,7 @@ from routing.catalog import Catalog
 from routing.decision import RouteDecision, RouteRequest
 from routing.routers import ROUTERS, Router, make_router
 
-from .config import AppArgs
+from .config import AppArgs, catalog_switch
 
 
 class UnknownRouterError(ValueError):
@@ -24,17 +24,26 @@ class RouterDeployment:
     def __init__(self, args: dict, embedder: DeploymentHandle, selector: DeploymentHandle | None = None):
         cfg = AppArgs(**args)
         torch.set_num_threads(cfg.torch_threads)
-        self.catalog = Catalog.load(cfg.catalog)
         self.embedder = embedder
         self.selector = selector  # the selector LM lives on its own deployment
-        self.routers: dict[str, Router] = {}
+        self._use(Catalog.load(cfg.catalog))
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Switch catalog version in place (Serve `user_config: {catalog: DIR}`): later requests route on it."""
+        catalog = catalog_switch(user_config, self.catalog)
+        if catalog is not None:
+            self._use(catalog)
+
+    def _use(self, catalog: Catalog) -> None:
+        routers: dict[str, Router] = {}
         for name in ROUTERS:
             if name == "selector":
                 continue
             try:
-                self.routers[name] = make_router(name, self.catalog)
+                routers[name] = make_router(name, catalog)
             except (ValueError, FileNotFoundError):
                 continue  # a trained router this catalog does not carry
+        self.catalog, self.routers = catalog, routers  # one assignment: a request sees one version
 
     async def route(self, request: RouteRequest, router: str) -> RouteDecision:
         if router == "selector" and self.selector is not None:

@@ -9,7 +9,7 @@ from routing.catalog import Catalog
 from routing.decision import RouteDecision, RouteRequest
 from routing.routers.selector import SelectorRouter
 
-from .config import AppArgs
+from .config import AppArgs, catalog_switch
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
@@ -20,6 +20,12 @@ class Selector:
         cfg = AppArgs(**args)
         torch.set_num_threads(cfg.torch_threads)
         self.router = SelectorRouter(Catalog.load(cfg.catalog))
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """Switch catalog version in place (Serve `user_config: {catalog: DIR}`), e.g. to an updated selector."""
+        catalog = catalog_switch(user_config, self.router.catalog)
+        if catalog is not None:
+            self.router = await asyncio.to_thread(SelectorRouter, catalog)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def route(self, requests: list[RouteRequest]) -> list[RouteDecision]:

@@ -1,6 +1,7 @@
 """The real Serve app (from serve_app/serve_config.yaml) on loopback, reached by the real gRPC client."""
 
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -14,22 +15,31 @@ from training.demo_corpus import demo_records
 KEYS = ("fin/sentiment", "legal/plaintiff", "med/dose")
 
 
+def _pick(split: str, keys=KEYS) -> list:
+    return [r for r in demo_records(split) if r.key in keys]
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_base, free_port):
+def app(tmp_path_factory, tiny_base, free_port):
+    """The running app: its gRPC client, catalog, test records, Serve config and work directory."""
     work = tmp_path_factory.mktemp("serve")
-    pick = lambda split: [r for r in demo_records(split) if r.key in KEYS]  # noqa: E731
     adapters = work / "adapters"
-    train_adapters(tiny_base, pick("train"), adapters, train=TrainSpec(max_steps=20), progress=False)
-    catalog = build_catalog(pick("val"), work / "catalog", adapters=adapters, base_model=("tiny-test", tiny_base))
+    train_adapters(tiny_base, _pick("train"), adapters, train=TrainSpec(max_steps=20), progress=False)
+    catalog = build_catalog(_pick("val"), work / "catalog", adapters=adapters, base_model=("tiny-test", tiny_base))
     port = free_port()
     config = launch.load_config(args={"catalog": str(catalog.root), "max_new_tokens": 8}, grpc_port=port,
                                 http_port=free_port())
     launch.start(config)
     try:
         with SwitchboardClient(f"127.0.0.1:{port}") as client:
-            yield client, catalog, pick("test")
+            yield SimpleNamespace(client=client, catalog=catalog, test=_pick("test"), config=config, work=work)
     finally:
         launch.stop()
+
+
+@pytest.fixture
+def served(app):
+    return app.client, app.catalog, app.test
 
 
 def test_health_and_list_tasks(served):
@@ -85,6 +95,44 @@ def test_bad_requests_get_status_codes_not_tracebacks(served, kwargs, code, mess
         client.generate(text, **kwargs)
     assert err.value.code() == code
     assert message in err.value.details() and "Traceback" not in err.value.details()
+
+
+def test_catalog_switch_in_place_keeps_replicas_and_in_flight_requests(app, tiny_base):
+    """A new catalog version (one task dropped, one added) replaces the served one through Serve's
+    `user_config`: same Generator process, base model not reloaded, requests in flight all answered."""
+    from ray import serve
+
+    from serve_app.app import APP_NAME
+
+    keys = ("fin/sentiment", "legal/plaintiff", "fin/ticker")  # med/dose dropped, fin/ticker added
+    adapters = app.work / "adapters"
+    train_adapters(tiny_base, _pick("train", keys), adapters, train=TrainSpec(max_steps=20), progress=False)
+    v2 = build_catalog(_pick("val", keys), app.work / "catalog-v2", adapters=adapters,
+                       base_model=("tiny-test", tiny_base))
+    generator = serve.get_deployment_handle("Generator", APP_NAME)
+    before = generator.info.remote().result()
+    text = app.test[0].input
+    expected = app.client.generate(text, task="fin/sentiment", max_new_tokens=6).text
+    with ThreadPoolExecutor(8) as pool:
+        in_flight = [pool.submit(app.client.generate, text, task="fin/sentiment", max_new_tokens=6) for _ in range(8)]
+        config = launch.switch_catalog(app.config, v2.root)
+        assert [f.result().text for f in in_flight] == [expected] * 8
+    try:
+        after = generator.info.remote().result()
+        assert after["version"] == v2.version and after["pid"] == before["pid"]
+        assert "med/dose" not in after["resident"]
+        assert app.client.health().catalog_version == v2.version
+        assert sorted(t.key for t in app.client.list_tasks().tasks) == sorted(keys)
+        reply = app.client.generate(text, task="fin/ticker", max_new_tokens=4)
+        assert reply.decision.catalog_version == v2.version and reply.decision.tasks[0].task == "fin/ticker"
+        with pytest.raises(grpc.RpcError) as err:
+            app.client.generate(text, task="med/dose")
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(ValueError, match="another base model"):
+            launch.switch_catalog(config, build_catalog(_pick("val"), app.work / "routing-only").root)
+    finally:
+        launch.switch_catalog(app.config, app.catalog.root)
+    assert generator.info.remote().result()["pid"] == before["pid"]
 
 
 @pytest.mark.slow
