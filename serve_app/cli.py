@@ -37,6 +37,13 @@ def cmd_demo(a: argparse.Namespace) -> dict:
 
 
 def cmd_train_adapter(a: argparse.Namespace) -> dict:
+    if a.config:
+        from training.distributed import train_from_config
+        from training.run_config import load_run_config
+
+        return train_from_config(load_run_config(a.config))
+    if not (a.tasks and a.out):
+        raise ValueError("train adapter: give --config FILE, or --tasks and --out")
     from training.adapter import LoraSpec, train_adapters
     from training.records import load_records
 
@@ -45,6 +52,13 @@ def cmd_train_adapter(a: argparse.Namespace) -> dict:
     name, base = _base_model(a.base_model)
     done = train_adapters(base, records, Path(a.out), lora=lora, tasks=a.task or None, text_mode=a.text)
     return {"base_model": name, "adapters": {k: str(p) for k, p in done.items()}}
+
+
+def cmd_sweep(a: argparse.Namespace) -> dict:
+    from training.run_config import load_sweep_config
+    from training.sweep import run_sweep
+
+    return run_sweep(load_sweep_config(a.config))
 
 
 def cmd_catalog_build(a: argparse.Namespace) -> dict:
@@ -74,7 +88,7 @@ def cmd_eval_routing(a: argparse.Namespace) -> dict:
 
     from routing.catalog import Catalog
     from routing.encoder import Encoder
-    from routing.evaluation import evaluate_routing
+    from routing.evaluation import evaluate_routing, plot_confusion
     from routing.routers import make_router
     from training.records import load_records
 
@@ -87,8 +101,11 @@ def cmd_eval_routing(a: argparse.Namespace) -> dict:
     router = make_router(a.router, catalog)
     encoder = Encoder(catalog.encoder["name"], catalog.encoder["prefix"])
     with tqdm(total=len(records), desc=f"routing ({a.router})", file=sys.stderr) as bar:
-        return evaluate_routing(router, [r.text(mode) for r in records], [r.key for r in records], top_k=a.top_k,
-                                embed=encoder.encode, ood=a.ood, progress=bar.update)
+        result = evaluate_routing(router, [r.text(mode) for r in records], [r.key for r in records],
+                                  top_k=a.top_k, embed=encoder.encode, ood=a.ood, progress=bar.update)
+    if a.plot:
+        result["plot"] = str(plot_confusion(result, a.plot))
+    return result
 
 
 def cmd_serve(a: argparse.Namespace) -> dict:
@@ -99,7 +116,7 @@ def cmd_serve(a: argparse.Namespace) -> dict:
     args = {"catalog": str(Path(a.catalog).resolve())}
     if a.base_model:
         args["base_model"] = str(Path(a.base_model).resolve())
-    config = launch.load_config(a.config, args, grpc_port=a.grpc_port, http_port=a.http_port)
+    config = launch.load_config(a.config or launch.DEFAULT_CONFIG, args, grpc_port=a.grpc_port, http_port=a.http_port)
     launch.start(config)
     print(f"serving catalog {a.catalog} on gRPC port {config['grpc_options']['port']}; Ctrl-C stops", file=sys.stderr)
     try:
@@ -178,9 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train adapters or routers").add_subparsers(dest="what", required=True)
     c = command("adapter", cmd_train_adapter, "train one LoRA adapter per task into OUT/<domain>/<task>", train)
-    c.add_argument("--tasks", required=True, help="records: JSONL, JSON, AS config or <domain>/<task>/ tree")
+    c.add_argument("--config", help="a run config, YAML or JSON (training/run_config.py: variant, workers, "
+                                     "deepspeed, ...); replaces the flags below")
+    c.add_argument("--tasks", help="records: JSONL, JSON, AS config or <domain>/<task>/ tree")
     c.add_argument("--task", action="append", help="only this task key (repeatable); default: every task")
-    c.add_argument("--out", required=True)
+    c.add_argument("--out")
     c.add_argument("--base-model", **base)
     c.add_argument("--text", default="input", **text)
     c.add_argument("--variant", default="lora", choices=["lora", "rslora", "dora", "pissa"])
@@ -195,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--base-model", **base)
     c.add_argument("--text", default="input", **text)
     c.add_argument("--per-task", type=int, default=100, help="selector: K-means representatives per task")
+
+    c = command("sweep", cmd_sweep, "Ray Tune sweep over LoRA variants; best trial per task -> new catalog version")
+    c.add_argument("--config", required=True, help="a sweep config, YAML or JSON (examples/sweep-smoke.yaml)")
 
     data = sub.add_parser("data", help="prepare training data").add_subparsers(dest="what", required=True)
     c = command("select", cmd_data_select, "K-means representative samples per task (AS data construction)", data)
@@ -251,15 +273,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--top-k", type=int, default=3, choices=range(1, MAX_TOP_K + 1), metavar=f"1..{MAX_TOP_K}")
     c.add_argument("--text", **text)
     c.add_argument("--ood", action="store_true", help="leave each query's own task out of the pool")
+    c.add_argument("--plot", metavar="FILE.png", help="also write the confusion matrix (true task x top-1 task)")
     return p
+
+
+def _cpu_only_deepspeed() -> None:
+    """On a machine without CUDA, name DeepSpeed's accelerator: left to detect it, DeepSpeed (which
+    transformers' Trainer imports) prints a warning to stdout, where only our JSON belongs."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "config", "unset") is None:
-        from .launch import DEFAULT_CONFIG
-
-        args.config = DEFAULT_CONFIG
+    _cpu_only_deepspeed()
     try:
         emit(args.fn(args))
     except USER_ERRORS as e:

@@ -24,13 +24,18 @@ def test_catalog_build_show_and_eval_routing(tmp_path):
     shown = json.loads(run("catalog", "show", str(tmp_path / "cat")).stdout.strip().splitlines()[-1])
     assert shown["version"] == summary["version"]
 
-    for extra in ([], ["--ood"]):
+    for extra in (["--plot", str(tmp_path / "confusion.png")], ["--ood"]):
         res = run("eval", "routing", "--catalog", str(tmp_path / "cat"), "--data", str(data["test"]),
                   "--router", "centroid", *extra)
         assert res.returncode == 0, res.stderr
         out = json.loads(res.stdout.strip().splitlines()[-1])
-        assert {"n", "top1_task_acc", "top3_task_acc", "domain_acc", "per_task", "ms_per_query"} <= set(out)
+        assert {"n", "top1_task_acc", "top3_task_acc", "domain_acc", "per_task", "confusion", "ms_per_query"} <= set(out)
         assert out["n"] == sum(1 for _ in data["test"].open())
+        assert sum(n for row in out["confusion"].values() for n in row.values()) == out["n"]
+        if not out["ood"]:
+            correct = sum(row.get(truth, 0) for truth, row in out["confusion"].items())
+            assert correct == round(out["top1_task_acc"] * out["n"])
+            assert (tmp_path / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out["ood"] is True and out["top1_task_acc"] == 0.0
 
 
@@ -42,3 +47,19 @@ def test_bad_input_exits_2_with_file_line_and_field(tmp_path):
     assert f"{bad}:2: output: missing" in res.stderr and f"{bad}:2: task: missing" in res.stderr
     res = run("catalog", "show", str(tmp_path))
     assert res.returncode == 2 and "not a catalog" in res.stderr
+
+
+def test_training_configs_are_validated_before_any_work(tmp_path):
+    """`train adapter --config` and `sweep --config`: a bad key is named with its file, exit 2, nothing written."""
+    run_cfg = tmp_path / "run.yaml"
+    run_cfg.write_text(f"tasks: demo\noutput: {tmp_path / 'out'}\nlora: {{variant: lora, rank: 8}}\n")
+    res = run("train", "adapter", "--config", str(run_cfg))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "run.yaml" in res.stderr and "lora.rank" in res.stderr, res.stderr
+    sweep_cfg = tmp_path / "sweep.yaml"
+    sweep_cfg.write_text("tasks: demo\nvariants: [lora, qlora]\n")
+    res = run("sweep", "--config", str(sweep_cfg))
+    assert res.returncode == 2 and "sweep.yaml" in res.stderr and "variants.1" in res.stderr, res.stderr
+    res = run("train", "adapter", "--tasks", str(run_cfg))
+    assert res.returncode == 2 and "give --config FILE, or --tasks and --out" in res.stderr
+    assert not (tmp_path / "out").exists()

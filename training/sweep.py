@@ -1,7 +1,7 @@
 """Hyper-parameter sweeps with Ray Tune: variant x r x alpha x lr (x dropout, x seeds) for every task,
 ASHA early stopping per task, results table and plot, best adapter per task exported as a catalog.
 
-    python -m training.train --sweep examples/sweep-smoke.yaml     # or: switchboard sweep --config FILE
+    switchboard sweep --config examples/sweep-smoke.yaml
 
 Each trial trains one adapter (`training.tune_trial.run_trial`: a single process, or Ray Train workers
 with optional DeepSpeed) and reports eval loss and the task metric on validation rows every
