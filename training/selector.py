@@ -36,9 +36,9 @@ def _as_selector_examples(records: list[Record], text_mode: TextMode) -> list[Re
 
 
 def _train(selection: list[Record], labels: list[str], base_model_path: Path, text_mode: TextMode,
-           lora: LoraSpec, train: TrainSpec, progress: bool, workdir: Path) -> Path:
+           lora: LoraSpec, train: TrainSpec, progress: bool, workdir: Path, init: Path | None = None) -> Path:
     artefact = train_adapter(base_model_path, _as_selector_examples(selection, text_mode), SELECTOR_TEMPLATE,
-                             workdir / "selector", lora=lora, train=train, progress=progress)
+                             workdir / "selector", lora=lora, train=train, progress=progress, init_adapter=init)
     (artefact / LABELS_FILE).write_text(json.dumps(labels))
     write_jsonl(selection, artefact / SELECTION_FILE)
     return artefact
@@ -73,7 +73,8 @@ def update_selector(catalog: Catalog, op: UpdateOp, out: str | Path, base_model_
                     ratio: float, new_records: list[Record] = (), delete: list[str] = (), per_task: int = 100,
                     text_mode: TextMode = "input", lora: LoraSpec = LoraSpec(r=8, alpha=16),
                     train: TrainSpec = TrainSpec(max_steps=300), seed: int = 0, progress: bool = True) -> Catalog:
-    """Second fine-tuning of the selector on new data mixed with `ratio` of the old selection.
+    """Second fine-tuning of the selector (from its trained weights) on new data mixed with `ratio`
+    of the old selection: the AS paper's update, where `ratio` trades forgetting old tasks for cost.
 
     add:     `new_records` bring new tasks (added to the task index too);
     balance: `new_records` bring more data for existing, poorly separated tasks;
@@ -103,7 +104,8 @@ def update_selector(catalog: Catalog, op: UpdateOp, out: str | Path, base_model_
     labels = sorted(keys)
     tasks, index = _task_set(catalog, labels, new_records, text_mode)
     with tempfile.TemporaryDirectory() as tmp:
-        artefact = _train(selection, labels, base_model_path, text_mode, lora, train, progress, Path(tmp))
+        artefact = _train(selection, labels, base_model_path, text_mode, lora, train, progress, Path(tmp),
+                          init=catalog.router_path("selector"))
         return derive_catalog(catalog, out, tasks=tasks, index=index, router_dirs={"selector": artefact})
 
 
