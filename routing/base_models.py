@@ -18,7 +18,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
 def cache_root() -> Path:
     """Where built base models (and other reusable artefacts) live: `$SWITCHBOARD_HOME` or ~/.cache/switchboard."""
-    return Path(os.environ.get("SWITCHBOARD_HOME") or Path.home() / ".cache" / "switchboard")
+    home = os.environ.get("SWITCHBOARD_HOME")
+    return Path(home).expanduser() if home else Path.home() / ".cache" / "switchboard"
 
 
 def locate_base_model(model_id: str, override: str | Path | None = None) -> Path:

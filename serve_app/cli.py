@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = command("routing", cmd_eval_routing, "routing accuracy of a router on labelled records", ev)
     c.add_argument("--catalog", required=True)
     c.add_argument("--data", required=True)
-    c.add_argument("--router", default="centroid")
+    c.add_argument("--router", default="auto", help="auto (default: classifier if trained, else centroid), centroid, classifier, selector")
     c.add_argument("--top-k", type=int, default=3, choices=range(1, MAX_TOP_K + 1), metavar=f"1..{MAX_TOP_K}")
     c.add_argument("--text", **text)
     c.add_argument("--ood", action="store_true", help="leave each query's own task out of the pool")

@@ -34,7 +34,6 @@ def load_config(path: str | Path = DEFAULT_CONFIG, args: dict[str, Any] | None =
 def start(config: dict, timeout_s: float = 600) -> None:
     """`serve run` without the CLI: start Serve with the config's gRPC/HTTP options, deploy, wait until RUNNING."""
     import ray
-    from ray import serve
     from ray.serve._private import api as serve_api
     from ray.serve.config import gRPCOptions
     from ray.serve.schema import ServeDeploySchema

@@ -8,7 +8,7 @@ from ray.serve.handle import DeploymentHandle
 
 from routing.catalog import Catalog
 from routing.decision import RouteDecision, RouteRequest
-from routing.routers import ROUTERS, Router, make_router
+from routing.routers import AUTO, ROUTERS, Router, best_router, make_router
 
 from .config import AppArgs, catalog_switch
 
@@ -43,6 +43,7 @@ class RouterDeployment:
                 routers[name] = make_router(name, catalog)
             except (ValueError, FileNotFoundError):
                 continue  # a trained router this catalog does not carry
+        routers[AUTO] = routers[best_router(catalog)]
         self.catalog, self.routers = catalog, routers  # one assignment: a request sees one version
 
     async def route(self, request: RouteRequest, router: str) -> RouteDecision:

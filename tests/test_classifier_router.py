@@ -8,6 +8,7 @@ import pytest
 
 from routing.catalog import CatalogError, TaskEntry, write_catalog
 from routing.decision import RouteRequest
+from routing.routers import make_router
 from routing.routers.classifier import LABELS_FILE, ClassifierRouter, domain_soft_targets, fit_temperature
 from routing.templates import DEFAULT_TEMPLATE
 from training.catalog_build import build_catalog
@@ -80,6 +81,7 @@ def test_training_derives_a_new_catalog_version(base_catalog, trained):
     assert settings["calibration_temperature"] > 0 and settings["training"]["domain_smoothing"] == 0.1
     with pytest.raises(CatalogError, match="no trained 'classifier' router"):
         ClassifierRouter(base_catalog)
+    assert make_router("auto", trained).name == "classifier" and make_router("auto", base_catalog).name == "centroid"
 
 
 @pytest.mark.parametrize("name", sorted(TRAINED_ROUTERS))

@@ -1,4 +1,3 @@
-from pathlib import Path
 
 from protos.generate import PROTOS, ROOT, generate
 

@@ -271,6 +271,60 @@ def _publish(staging: Path, out: Path, base_id: str, summary: dict) -> None:
     os.replace(tmp, out / DONE_MARKER)
 
 
+def _peft_model(base_path: Path, lora: LoraSpec, seed: int, staging: Path | None,
+                init_adapter: Path | None = None):
+    """The base model with a new adapter (or `init_adapter`, to train further), seeded.
+
+    PITFALLS.md: a PiSSA run keeps its untrained adapter, saved as a plain init into `staging`
+    (None: another process does), for the conversion to a plain delta at save time. The init is a
+    deterministic SVD of the base, so a resumed run recomputes the same one.
+    """
+    from peft import PeftModel, get_peft_model
+
+    torch.manual_seed(seed)
+    model, tokenizer = load_causal_lm(base_path)
+    if init_adapter is not None:
+        peft_model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+    else:
+        peft_model = get_peft_model(model, lora.to_peft())
+    if lora.variant == "pissa":
+        peft_model.peft_config["default"].init_lora_weights = True
+        if staging is not None:
+            peft_model.save_pretrained(staging / "pissa-init")
+    return peft_model, tokenizer
+
+
+def _trainer(peft_model, tokenizer, examples: list[dict], ckpt_dir: Path, train: TrainSpec, steps: int,
+             per_device_batch: int, callbacks: list[TrainerCallback], **placement) -> "_InOrderTrainer":
+    """The Trainer every placement uses; `placement` adds its TrainingArguments (use_cpu, deepspeed, ...)."""
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir), per_device_train_batch_size=per_device_batch, learning_rate=train.lr,
+        max_steps=steps, num_train_epochs=1, lr_scheduler_type="linear", warmup_steps=min(train.warmup_steps, steps),
+        weight_decay=0.0, logging_steps=max(1, min(10, steps // 10)), save_strategy="steps", save_steps=train.save_steps,
+        save_total_limit=2, seed=train.seed, data_seed=train.seed, report_to=[], disable_tqdm=True,
+        remove_unused_columns=False, dataloader_num_workers=0, **placement)
+    trainer = _InOrderTrainer(model=peft_model, args=args,
+                              train_dataset=_schedule(examples, steps, train.batch_size, train.seed),
+                              data_collator=_Collator(tokenizer.pad_token_id), callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # it prints every log line to stdout; _Progress shows the loss
+    return trainer
+
+
+def _save(trainer, peft_model, lora: LoraSpec, out: Path, staging: Path, base_id: str, summary: dict) -> None:
+    """Publish the trained adapter (PiSSA converted to a plain delta on the unmodified base) with its
+    summary, then drop the staging area and the checkpoints."""
+    if lora.variant == "pissa":
+        peft_model.save_pretrained(staging / "adapter", safe_serialization=True,
+                                   path_initial_model_for_weight_conversion=str(staging / "pissa-init"))
+    else:
+        peft_model.save_pretrained(staging / "adapter", safe_serialization=True)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    summary = {**summary, "steps": trainer.state.global_step, "final_loss": round(losses[-1], 5) if losses else None}
+    _publish(staging / "adapter", out, base_id, summary)
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+
+
 # ---- training -----------------------------------------------------------------------------------
 def train_adapter(base_path: str | Path, records: list[Record], template: str, out_dir: str | Path,
                   lora: LoraSpec = LoraSpec(), train: TrainSpec = TrainSpec(), text_mode: str = "input",
@@ -282,8 +336,6 @@ def train_adapter(base_path: str | Path, records: list[Record], template: str, o
     updates do) instead of starting from peft's initialisation; `lora` must describe it.
     `callbacks` are extra Trainer callbacks (tests use one to interrupt a run).
     """
-    from peft import PeftModel, get_peft_model
-
     if not records:
         raise ValueError("no records to train on")
     base_path, out = Path(base_path), Path(out_dir)
@@ -304,18 +356,7 @@ def train_adapter(base_path: str | Path, records: list[Record], template: str, o
     staging = out / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
 
-    torch.manual_seed(train.seed)
-    model, tokenizer = load_causal_lm(base_path)
-    if init_adapter is not None:
-        peft_model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
-    else:
-        peft_model = get_peft_model(model, lora.to_peft())
-    if lora.variant == "pissa":
-        # PITFALLS.md: keep the untrained PiSSA adapter, saved as a plain init, for the final conversion.
-        # The init is a deterministic SVD of the base, so a resumed run recomputes the same one.
-        peft_model.peft_config["default"].init_lora_weights = True
-        peft_model.save_pretrained(staging / "pissa-init")
-
+    peft_model, tokenizer = _peft_model(base_path, lora, train.seed, staging, init_adapter)
     examples, truncated = _encode(tokenizer, records, template, text_mode, train.max_length)
     if truncated:
         _log(f"{name}: {truncated} of {len(records)} prompts cut to max_length={train.max_length} (start dropped)")
@@ -323,33 +364,13 @@ def train_adapter(base_path: str | Path, records: list[Record], template: str, o
     resume = _last_checkpoint(ckpt_dir)
     if resume:
         _log(f"{name}: resumed from step {resume[1]}")
-    args = TrainingArguments(
-        output_dir=str(ckpt_dir), per_device_train_batch_size=train.batch_size, learning_rate=train.lr,
-        max_steps=steps, num_train_epochs=1, lr_scheduler_type="linear", warmup_steps=min(train.warmup_steps, steps),
-        weight_decay=0.0, logging_steps=max(1, min(10, steps // 10)), save_strategy="steps", save_steps=train.save_steps,
-        save_total_limit=2, seed=train.seed, data_seed=train.seed, use_cpu=True, report_to=[], disable_tqdm=True,
-        remove_unused_columns=False, dataloader_num_workers=0)
-    trainer = _InOrderTrainer(
-        model=peft_model, args=args, train_dataset=_schedule(examples, steps, train.batch_size, train.seed),
-        data_collator=_Collator(tokenizer.pad_token_id),
-        callbacks=[_Progress(f"adapter {name}", progress), *callbacks])
-    trainer.remove_callback(PrinterCallback)  # it prints every log line to stdout; _Progress shows the loss
+    trainer = _trainer(peft_model, tokenizer, examples, ckpt_dir, train, steps, train.batch_size,
+                       [_Progress(f"adapter {name}", progress), *callbacks], use_cpu=True)
     trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
-
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    if lora.variant == "pissa":
-        peft_model.save_pretrained(staging / "adapter", safe_serialization=True,
-                                   path_initial_model_for_weight_conversion=str(staging / "pissa-init"))
-    else:
-        peft_model.save_pretrained(staging / "adapter", safe_serialization=True)
-    summary = {
-        "tasks": keys, "n_records": len(records), "steps": trainer.state.global_step,
-        "final_loss": round(losses[-1], 5) if losses else None, "seconds": round(time.monotonic() - started, 2),
+    _save(trainer, peft_model, lora, out, staging, base_id, {
+        "tasks": keys, "n_records": len(records), "seconds": round(time.monotonic() - started, 2),
         "resumed_from_step": resume[1] if resume else None, "base_model_id": base_id, "template": template,
-        "text_mode": text_mode, "lora": asdict(lora), "train": asdict(train), "fingerprint": fingerprint}
-    _publish(staging / "adapter", out, base_id, summary)
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+        "text_mode": text_mode, "lora": asdict(lora), "train": asdict(train), "fingerprint": fingerprint})
     return out
 
 

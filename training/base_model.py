@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from routing.base_models import cache_root
 from training.demo_corpus import CORPUS_VERSION, pretraining_texts, tokenizer_texts
 
 BUILD_VERSION = "tiny-build-v1"  # bump when build_tiny's procedure changes (it is part of the cache key)
@@ -40,12 +41,6 @@ BASE_SPECS = ("tiny", "tiny-test", "smollm2")
 # ~ gain * sqrt(hidden) * |e|: at hidden 64-128 and gain 1 no token can pass ~80% probability, and an
 # adapter (which cannot touch the norm or the embeddings) could never make an answer confident.
 FINAL_NORM_GAIN = 4.0
-
-
-def cache_root() -> Path:
-    """`$SWITCHBOARD_HOME`, else `~/.cache/switchboard`."""
-    home = os.environ.get("SWITCHBOARD_HOME")
-    return Path(home).expanduser() if home else Path.home() / ".cache" / "switchboard"
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from training.adapter import (
-    CHECKPOINTS, LoraSpec, TrainSpec, _Collator, _encode, _fingerprint, _InOrderTrainer, _is_done, _last_checkpoint,
-    _prepare, _Progress, _publish, _schedule, train_adapter)
+    CHECKPOINTS, LoraSpec, TrainSpec, _encode, _fingerprint, _is_done, _last_checkpoint, _peft_model, _prepare,
+    _Progress, _save, _trainer, train_adapter)
 from training.records import Record, group_by_task
 
 Job = dict[str, Any]  # {"key", "records", "template", "out"}: one adapter to train
@@ -65,13 +65,9 @@ def _barrier() -> None:
 def _train_one(job: Job, base_path: Path, lora: LoraSpec, train: TrainSpec, text_mode: str, deepspeed: dict | None,
                use_gpu: bool, progress: bool, callbacks: Sequence) -> dict:
     """One adapter, on every rank at once. Mirrors `train_adapter`, rank 0 owning the directory."""
-    import torch
     import torch.distributed as dist
-    from peft import get_peft_model
-    from transformers import TrainingArguments
-    from transformers.trainer_callback import PrinterCallback
 
-    from routing.base_models import base_model_id, load_causal_lm
+    from routing.base_models import base_model_id
 
     rank, world = dist.get_rank(), dist.get_world_size()
     records, template, out, name = job["records"], job["template"], Path(job["out"]), job["key"]
@@ -100,14 +96,7 @@ def _train_one(job: Job, base_path: Path, lora: LoraSpec, train: TrainSpec, text
     _barrier()
     ckpt_dir = out / CHECKPOINTS
 
-    torch.manual_seed(train.seed)
-    model, tokenizer = load_causal_lm(base_path)
-    peft_model = get_peft_model(model, lora.to_peft())
-    if lora.variant == "pissa":
-        peft_model.peft_config["default"].init_lora_weights = True  # see train_adapter
-        if rank == 0:
-            peft_model.save_pretrained(staging / "pissa-init")
-
+    peft_model, tokenizer = _peft_model(base_path, lora, train.seed, staging if rank == 0 else None)
     examples, truncated = _encode(tokenizer, records, template, text_mode, train.max_length)
     if truncated and rank == 0:
         _log(f"{name}: {truncated} of {len(records)} prompts cut to max_length={train.max_length} (start dropped)")
@@ -116,37 +105,18 @@ def _train_one(job: Job, base_path: Path, lora: LoraSpec, train: TrainSpec, text
     _barrier()  # every rank decided on the same checkpoint before rank 0 may write a newer one
     if resume and rank == 0:
         _log(f"{name}: resumed from step {resume[1]}")
-    args = TrainingArguments(
-        output_dir=str(ckpt_dir), per_device_train_batch_size=train.batch_size // world, learning_rate=train.lr,
-        max_steps=steps, num_train_epochs=1, lr_scheduler_type="linear", warmup_steps=min(train.warmup_steps, steps),
-        weight_decay=0.0, logging_steps=max(1, min(10, steps // 10)), save_strategy="steps", save_steps=train.save_steps,
-        save_total_limit=2, seed=train.seed, data_seed=train.seed, use_cpu=not use_gpu, report_to=[],
-        disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0, deepspeed=deepspeed,
-        ddp_find_unused_parameters=False)
-    trainer = _InOrderTrainer(
-        model=peft_model, args=args, train_dataset=_schedule(examples, steps, train.batch_size, train.seed),
-        data_collator=_Collator(tokenizer.pad_token_id),
-        callbacks=[_Progress(f"adapter {name} (rank 0 of {world})", progress and rank == 0), *callbacks])
-    trainer.remove_callback(PrinterCallback)
+    trainer = _trainer(peft_model, tokenizer, examples, ckpt_dir, train, steps, train.batch_size // world,
+                       [_Progress(f"adapter {name} (rank 0 of {world})", progress and rank == 0), *callbacks],
+                       use_cpu=not use_gpu, deepspeed=deepspeed, ddp_find_unused_parameters=False)
     trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
     placement = _describe(trainer, world)
 
     if rank == 0:
-        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-        if lora.variant == "pissa":
-            peft_model.save_pretrained(staging / "adapter", safe_serialization=True,
-                                       path_initial_model_for_weight_conversion=str(staging / "pissa-init"))
-        else:
-            peft_model.save_pretrained(staging / "adapter", safe_serialization=True)
-        summary = {
-            "tasks": sorted(group_by_task(records)), "n_records": len(records), "steps": trainer.state.global_step,
-            "final_loss": round(losses[-1], 5) if losses else None, "seconds": round(time.monotonic() - started, 2),
-            "resumed_from_step": resume[1] if resume else None, "base_model_id": base_id, "template": template,
-            "text_mode": text_mode, "lora": asdict(lora), "train": asdict(train), "fingerprint": fingerprint,
-            "distributed": placement}
-        _publish(staging / "adapter", out, base_id, summary)
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        _save(trainer, peft_model, lora, out, staging, base_id, {
+            "tasks": sorted(group_by_task(records)), "n_records": len(records),
+            "seconds": round(time.monotonic() - started, 2), "resumed_from_step": resume[1] if resume else None,
+            "base_model_id": base_id, "template": template, "text_mode": text_mode, "lora": asdict(lora),
+            "train": asdict(train), "fingerprint": fingerprint, "distributed": placement})
         lock.close()
     _barrier()
     return json.loads((out / "training.json").read_text())

@@ -130,6 +130,7 @@ def train_classifier(catalog: Catalog, records: list[Record], out: str | Path, *
     """
     from transformers import (AutoModel, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments,
                               set_seed)
+    from transformers.trainer_callback import PrinterCallback
 
     log = log or (lambda msg: print(f"[train classifier] {msg}", file=sys.stderr, flush=True) if progress else None)
     if text_mode not in (*TEXT_MODES, "both"):
@@ -182,6 +183,7 @@ def train_classifier(catalog: Catalog, records: list[Record], out: str | Path, *
         trainer = Trainer(model=model, args=args, train_dataset=_Examples(dict(enc), labels),
                           data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
                           optimizers=(optimizer, None))
+        trainer.remove_callback(PrinterCallback)  # it prints the run's metrics to stdout, where our JSON goes
         trainer.train()
         model = trainer.model.eval()
         train_s = time.perf_counter() - started

@@ -26,7 +26,6 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import math
 import random
 import sys
 import tempfile

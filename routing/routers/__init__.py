@@ -16,12 +16,26 @@ ROUTERS: dict[str, type[Router]] = {
     r.name: r for r in (CentroidRouter, FixedRouter, ClassifierRouter, SelectorRouter)}
 
 
+AUTO = "auto"
+# `auto`, best first: the trained classifier beats the centroid router on every column of
+# bench/RESULTS.md; the selector is not in the list (a whole LM per request, and weaker on real data).
+AUTO_PREFERENCE = ("classifier", "centroid")
+
+
+def best_router(catalog: Catalog) -> str:
+    """What `auto` means for this catalog: the first of `AUTO_PREFERENCE` it can serve."""
+    return next(n for n in AUTO_PREFERENCE if n == "centroid" or n in catalog.routers)
+
+
 def make_router(name: str, catalog: Catalog) -> Router:
+    """The router `name` over `catalog`; `auto` picks the best one the catalog carries."""
+    if name == AUTO:
+        name = best_router(catalog)
     try:
         cls = ROUTERS[name]
     except KeyError:
-        raise ValueError(f"unknown router {name!r}; known: {sorted(ROUTERS)}") from None
+        raise ValueError(f"unknown router {name!r}; known: {sorted([AUTO, *ROUTERS])}") from None
     return cls(catalog)
 
 
-__all__ = ["ROUTERS", "Router", "UnknownTaskError", "make_router"]
+__all__ = ["AUTO", "ROUTERS", "Router", "UnknownTaskError", "best_router", "make_router"]
