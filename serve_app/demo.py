@@ -81,9 +81,27 @@ def run_demo(base_model: str = "tiny", workdir: Path = Path("runs/demo"), grpc_p
             base = _ask(client, test, "bare base", fixed=True, base_only=True)
             oracle = _ask(client, test, "oracle adapter", fixed=True)
             routed = _ask(client, test, "routed (centroid)")
+            cost = _routing_cost(client, test[::len(test) // 16 or 1][:16])
     finally:
         launch.stop()
-    return _report(test, base, oracle, routed, catalog.version, time.perf_counter() - started)
+    return {**_report(test, base, oracle, routed, catalog.version, time.perf_counter() - started), **cost}
+
+
+def _routing_cost(client: SwitchboardClient, records: list[Record]) -> dict:
+    """What routing costs against generating a 32-token answer, from the server's own route and
+    generate times, one request at a time (no queueing). Answers that stop early (EOS) are scaled
+    to 32 tokens by their measured time per token, prefill included, so the share errs high."""
+    route, generate, tokens = [], [], []
+    for r in records:
+        reply = client.generate(r.input, max_new_tokens=32)
+        route.append(reply.route_ms)
+        generate.append(reply.generate_ms)
+        tokens.append(reply.new_tokens)
+    route_ms, answer_ms = float(np.mean(route)), 32 * float(np.sum(generate) / max(1, np.sum(tokens)))
+    share = route_ms / (route_ms + answer_ms)
+    print(f"routing: {route_ms:.1f} ms per request, {100 * share:.1f}% of a 32-token answer's server time "
+          f"({answer_ms:.0f} ms; {len(records)} requests, one at a time)", file=sys.stderr)
+    return {"route_ms": round(route_ms, 1), "answer_32_ms": round(answer_ms, 1), "routing_share": round(share, 4)}
 
 
 def _report(test: list[Record], base, oracle, routed, version: str, seconds: float) -> dict:
