@@ -39,7 +39,7 @@ def test_pair_picks_each_tasks_own_adapter_over_weak_and_mismatched(tmp_path, ti
     keys = ("fin/ticker", "legal/plaintiff")
     train = [r for r in demo_records("train") if r.key in keys]
     val = [r for r in demo_records("val") if r.key in keys]
-    good = train_adapters(tiny_base, train, tmp_path / "good", train=TrainSpec(max_steps=120), progress=False)
+    good = train_adapters(tiny_base, train, tmp_path / "good", train=TrainSpec(max_steps=300), progress=False)
     weak = train_adapters(tiny_base, train, tmp_path / "weak", train=TrainSpec(max_steps=2), progress=False)
     pool = tmp_path / "pool"
     pool.mkdir()
