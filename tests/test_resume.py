@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 
-# Minutes on 2 cores (Ray Train workers, DeepSpeed op compilation, killed-and-resumed runs).
-pytestmark = pytest.mark.slow
 import yaml
 from safetensors.torch import load_file
 

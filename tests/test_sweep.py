@@ -18,7 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 TASK = "fin/ticker"
 
 
-@pytest.mark.slow
 def test_small_sweep_end_to_end(tmp_path, tiny_base):
     cfg = sweep_config(
         base_model="tiny-test", tasks="demo", task=[TASK], variants=["lora", "rslora", "dora", "pissa"], r=[4],
