@@ -18,10 +18,10 @@ TASA, one FLAN fold with 3 epochs (plus the unseen split). Indicative only; the 
 
 Adding a router: a row in ROUTERS, `label: (registered router name, artefact label or None)`, and
 for a trained artefact a function in TRAINERS, `(catalog, train records, out dir, Setting) ->
-derived catalog`. The AS selector, for instance (training/selector.py):
-    TRAINERS["selector"] = lambda cat, recs, out, s: train_selector(cat, recs, out, base_model_path, ...)
-    ROUTERS["selector"] = ("selector", "selector")
---ablation adds a row for the classifier trained without domain smoothing.
+derived catalog`. `--selector BASE` adds the AS selector that way: a LoRA selector on that base
+model (e.g. smollm2), trained on the cell's K-means selection (`Setting.per_task` per task, all of
+FLAN's 16) for `--selector-steps` steps. --ablation adds a row for the classifier trained without
+domain smoothing.
 Progress goes to stderr, the table to stdout, and the last stdout line is one JSON object.
 """
 
@@ -99,7 +99,6 @@ ROUTERS: dict[str, tuple[str, str | None]] = {"centroid": ("centroid", None), "c
 ABLATION_TRAINERS: dict[str, Trainer] = {
     "classifier-ds0": lambda cat, recs, out, s: _classifier(cat, recs, out, replace(s, domain_smoothing=0.0))}
 ABLATION_ROUTERS: dict[str, tuple[str, str | None]] = {"classifier-ds0": ("classifier", "classifier-ds0")}
-ROUTER_CLASSES: dict[str, type[Router]] = {**REGISTERED, "classifier": ClassifierRouter}  # until it is registered
 COLUMNS = [("tasa_input_top1", "TASA in"), ("tasa_instruction_top1", "TASA ins+in"), ("flan_top1", "FLAN top1"),
            ("flan_top3", "FLAN top3"), ("flan_domain", "FLAN dom"), ("flan_ood_domain", "FLAN OOD dom"),
            ("flan_unseen_domain", "unseen dom"), ("ms_per_query", "ms/query")]
@@ -155,7 +154,7 @@ def run_split(name: str, train: list[Record], test: list[Record], work: Path, se
     embedder = CachedEmbedder(texts)
     out = {}
     for label, (router_name, artefact) in ROUTERS.items():
-        router = ROUTER_CLASSES[router_name](catalogs[artefact])
+        router = REGISTERED[router_name](catalogs[artefact])
         res = evaluate_routing(router, texts, keys, embed=embedder.embed)
         res["ms_per_query"] += embedder.ms_per_query if router.needs_embedding else 0.0
         if ood:
@@ -253,6 +252,22 @@ def table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def add_selector(base_model: str, steps: int) -> None:
+    """The AS selector row: a selector LoRA on `base_model`, scored over the catalog's labels."""
+    from training.adapter import TrainSpec
+    from training.base_model import resolve_base_model
+    from training.selector import train_selector
+
+    base = resolve_base_model(base_model)
+
+    def trainer(catalog: Catalog, records: list[Record], out: Path, s: Setting) -> Catalog:
+        return train_selector(catalog, records, out, base, per_task=s.per_task or FLAN_FOLDS * FLAN_HELD_OUT,
+                              text_mode=s.text_mode, seed=s.seed, train=TrainSpec(max_steps=steps))[0]
+
+    TRAINERS["selector"] = trainer
+    ROUTERS["selector"] = ("selector", "selector")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasa", type=Path, default=Path("../shared/data/tasa"), help="TASA tree <domain>/<task>/*.jsonl")
@@ -261,11 +276,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (this machine has 2 cores)")
     ap.add_argument("--work", type=Path, default=None, help="keep the catalogs here (default: a temp dir)")
     ap.add_argument("--ablation", action="store_true", help="also the classifier without domain smoothing")
+    ap.add_argument("--selector", metavar="BASE", help="also the AS selector on this base model (tiny | smollm2 | DIR)")
+    ap.add_argument("--selector-steps", type=int, default=150, help="selector training steps per cell")
     ap.add_argument("--flan-folds", type=int, default=None, help="override the number of FLAN folds (1..5)")
     args = ap.parse_args(argv)
     if args.ablation:
         TRAINERS.update(ABLATION_TRAINERS)
         ROUTERS.update(ABLATION_ROUTERS)
+    if args.selector:
+        add_selector(args.selector, args.selector_steps)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(args.threads)
