@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
