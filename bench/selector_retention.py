@@ -63,7 +63,7 @@ def load_data(tasa: Path | None, eval_per_task: int, pool_per_task: int) -> tupl
 def accuracy(catalog, queries: list[Record], groups: dict[str, set[str]]) -> dict[str, float]:
     """Top-1 accuracy over the queries of each named group of tasks (one routing pass for all)."""
     rows = [r for r in queries if r.key in catalog.tasks]
-    res = evaluate_routing(make_router("selector", catalog), [r.input for r in rows], [r.key for r in rows])
+    res = evaluate_routing(make_router("selector", catalog), [r.text() for r in rows], [r.key for r in rows])
     count = Counter(r.key for r in rows)
     return {name: round(sum(res["per_task"][k] * count[k] for k in keys) / sum(count[k] for k in keys), 4)
             for name, keys in groups.items()}
