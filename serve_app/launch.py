@@ -68,12 +68,12 @@ def switch_catalog(config: dict, catalog: str | Path, timeout_s: float = 300) ->
 
     from .config import catalog_switch
 
-    target = Catalog.load(catalog)
     config = copy.deepcopy(config)
     app = config["applications"][0]
     served = next((d["user_config"]["catalog"] for d in app.get("deployments", [])
                    if d["name"] == "Router" and "catalog" in d.get("user_config", {})), app["args"]["catalog"])
-    catalog_switch({"catalog": str(target.root)}, Catalog.load(served, verify=False))  # refuse here, not in replicas
+    current = Catalog.load(served, verify=False)
+    target = catalog_switch({"catalog": str(catalog)}, current) or current  # refuse here, not in the replicas
     holders = ["Router", "Generator"]
     if "selector" in Catalog.load(app["args"]["catalog"], verify=False).routers:
         holders.append("Selector")  # only deployed when the app's own catalog has a selector
