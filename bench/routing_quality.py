@@ -16,12 +16,14 @@ Protocol (all splits seeded, nothing tuned on the held-out parts):
 --quick: 20 held-out TASA queries per task, 64 index/training samples per task and one epoch on
 TASA, one FLAN fold with 3 epochs (plus the unseen split). Indicative only; the full run is the result.
 
+Rows: centroid (training-free), and from one classifier training (which also fits the lexical
+model on every non-calibration record): lexical, classifier, ensemble (the two summed in log space).
 Adding a router: a row in ROUTERS, `label: (registered router name, artefact label or None)`, and
 for a trained artefact a function in TRAINERS, `(catalog, train records, out dir, Setting) ->
 derived catalog`. `--selector BASE` adds the AS selector that way: a LoRA selector on that base
 model (e.g. smollm2), trained on the cell's K-means selection (`Setting.per_task` per task out of a
-seeded pool of 8x that; all of FLAN's 16) for `--selector-steps` steps. --ablation adds a row for the classifier trained without
-domain smoothing.
+seeded pool of 8x that; all of FLAN's 16) for `--selector-steps` steps. --ablation adds a row for
+the classifier trained without domain smoothing.
 Progress goes to stderr, the table to stdout, and the last stdout line is one JSON object.
 """
 
@@ -49,7 +51,7 @@ from routing.catalog import Catalog  # noqa: E402
 from routing.encoder import shared_encoder  # noqa: E402
 from routing.evaluation import evaluate_routing  # noqa: E402
 from routing.routers import ROUTERS as REGISTERED, Router  # noqa: E402
-from routing.routers.classifier import ClassifierRouter  # noqa: E402
+from routing.routers.probabilistic import ProbabilisticRouter  # noqa: E402
 from training.catalog_build import build_catalog  # noqa: E402
 from training.records import Record, group_by_task, load_records, split_per_task  # noqa: E402
 from training.router_training import train_classifier  # noqa: E402
@@ -96,7 +98,10 @@ def _classifier(catalog: Catalog, records: list[Record], out: Path, s: Setting) 
 
 # Trained artefacts: label -> trainer.  Rows: label -> (router name, artefact its catalog needs; None: training-free).
 TRAINERS: dict[str, Trainer] = {"classifier": _classifier}
-ROUTERS: dict[str, tuple[str, str | None]] = {"centroid": ("centroid", None), "classifier": ("classifier", "classifier")}
+# The classifier's catalog also carries the lexical router (fitted alongside it), so three rows share one training.
+ROUTERS: dict[str, tuple[str, str | None]] = {
+    "centroid": ("centroid", None), "lexical": ("lexical", "classifier"), "classifier": ("classifier", "classifier"),
+    "ensemble": ("ensemble", "classifier")}
 ABLATION_TRAINERS: dict[str, Trainer] = {
     "classifier-ds0": lambda cat, recs, out, s: _classifier(cat, recs, out, replace(s, domain_smoothing=0.0))}
 ABLATION_ROUTERS: dict[str, tuple[str, str | None]] = {"classifier-ds0": ("classifier", "classifier-ds0")}
@@ -125,19 +130,18 @@ class CachedEmbedder:
 
 
 def _memoize_logits(router: Router) -> None:
-    """After the timed pass, OOD re-routing reuses the classifier's logits (they do not depend on the pool)."""
-    clf = router if isinstance(router, ClassifierRouter) else getattr(router, "classifier", None)
-    if not isinstance(clf, ClassifierRouter) or hasattr(clf, "_memo"):
+    """After the timed pass, OOD re-routing reuses the logits (they do not depend on the pool)."""
+    if not isinstance(router, ProbabilisticRouter) or hasattr(router, "_memo"):
         return
-    clf._memo, compute = {}, clf.logits
+    router._memo, compute = {}, router.logits
 
     def logits(texts: list[str]) -> np.ndarray:
-        missing = [t for t in dict.fromkeys(texts) if t not in clf._memo]
+        missing = [t for t in dict.fromkeys(texts) if t not in router._memo]
         if missing:
-            clf._memo.update(zip(missing, compute(missing)))
-        return np.stack([clf._memo[t] for t in texts])
+            router._memo.update(zip(missing, compute(missing)))
+        return np.stack([router._memo[t] for t in texts])
 
-    clf.logits = logits
+    router.logits = logits
 
 
 def run_split(name: str, train: list[Record], test: list[Record], work: Path, setting: Setting,

@@ -3,7 +3,7 @@
     <catalog>/catalog.json          manifest: base model, encoder, tasks, router artefacts, version
     <catalog>/index.npz             task index (centroids + the sample embeddings they came from)
     <catalog>/adapters/<d>/<t>/     one peft adapter per task (safetensors only)
-    <catalog>/routers/<name>/       trained router artefacts (selector LoRA, classifier), optional
+    <catalog>/routers/<name>/       trained router artefacts (selector LoRA, classifier, lexical), optional
 
 The version is a hash of the manifest and every file, so two catalogs with the same version are the
 same bytes. Loading re-checks everything a hostile or stale directory could get wrong: adapter

@@ -100,9 +100,10 @@ def cmd_eval_routing(a: argparse.Namespace) -> dict:
     mode = a.text or catalog.encoder["text_mode"]
     router = make_router(a.router, catalog)
     encoder = Encoder(catalog.encoder["name"], catalog.encoder["prefix"])
-    with tqdm(total=len(records), desc=f"routing ({a.router})", file=sys.stderr) as bar:
+    with tqdm(total=len(records), desc=f"routing ({router.name})", file=sys.stderr) as bar:
         result = evaluate_routing(router, [r.text(mode) for r in records], [r.key for r in records],
                                   top_k=a.top_k, embed=encoder.encode, ood=a.ood, progress=bar.update)
+    result["router"] = router.name   # what `auto` resolved to
     if a.plot:
         result["plot"] = str(plot_confusion(result, a.plot))
     return result
@@ -143,10 +144,11 @@ def cmd_train_router(a: argparse.Namespace) -> dict:
     from training.records import load_records
 
     catalog, records = Catalog.load(a.catalog), load_records(a.tasks)
-    if a.kind == "classifier":
-        from training.router_training import train_classifier
+    if a.kind in ("classifier", "lexical"):
+        from training import router_training
 
-        new, report = train_classifier(catalog, records, a.out, text_mode=a.text), {}
+        train = router_training.train_classifier if a.kind == "classifier" else router_training.train_lexical
+        new, report = train(catalog, records, a.out, text_mode=a.text), {}
     else:
         from training.selector import train_selector
 
@@ -206,8 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--r", type=int, default=8)
     c.add_argument("--alpha", type=int, default=16)
 
-    c = command("router", cmd_train_router, "train a selector or classifier router into a new catalog version", train)
-    c.add_argument("--kind", required=True, choices=["selector", "classifier"])
+    c = command("router", cmd_train_router, "train a router into a new catalog version", train)
+    c.add_argument("--kind", required=True, choices=["selector", "classifier", "lexical"],
+                   help="classifier: the fine-tuned encoder and the lexical model (what `ensemble` needs); "
+                        "lexical: the n-gram model alone (seconds); selector: the AS selector LoRA")
     c.add_argument("--catalog", required=True)
     c.add_argument("--tasks", required=True, help="training records of the catalog's tasks")
     c.add_argument("--out", required=True, help="the new catalog directory")
@@ -269,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = command("routing", cmd_eval_routing, "routing accuracy of a router on labelled records", ev)
     c.add_argument("--catalog", required=True)
     c.add_argument("--data", required=True)
-    c.add_argument("--router", default="auto", help="auto (default: classifier if trained, else centroid), centroid, classifier, selector")
+    c.add_argument("--router", default="auto", help="auto (default: the best the catalog carries: ensemble, classifier, lexical, centroid), "
+                        "or one of them, or selector")
     c.add_argument("--top-k", type=int, default=3, choices=range(1, MAX_TOP_K + 1), metavar=f"1..{MAX_TOP_K}")
     c.add_argument("--text", **text)
     c.add_argument("--ood", action="store_true", help="leave each query's own task out of the pool")

@@ -22,8 +22,8 @@ class AppArgs(BaseModel):
     catalog: str = Field(description="Catalog directory (absolute path: replicas do not share the caller's cwd).")
     base_model: str | None = Field(None, description="Base model directory; default: the catalog's base model "
                                                      "found in the Switchboard cache ($SWITCHBOARD_HOME/base).")
-    default_router: str = Field("auto", description="Router used when a request names none; auto: the trained "
-                                                    "classifier when the catalog has one, else centroid.")
+    default_router: str = Field("auto", description="Router used when a request names none; auto: the best "
+                                                    "the catalog carries (ensemble, classifier, lexical, centroid).")
     default_top_k: int = Field(1, ge=1, le=MAX_TOP_K, description="Adapters fused when a request names no top_k.")
     temperature: float = Field(DEFAULT_TEMPERATURE, gt=0, description="Routing softmax temperature τ by default.")
     max_new_tokens: int = Field(32, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="Answer length by default.")

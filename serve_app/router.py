@@ -9,6 +9,7 @@ from ray.serve.handle import DeploymentHandle
 from routing.catalog import Catalog
 from routing.decision import RouteDecision, RouteRequest
 from routing.routers import AUTO, ROUTERS, Router, best_router, make_router
+from routing.routers.ensemble import EnsembleRouter
 
 from .config import AppArgs, catalog_switch
 
@@ -38,6 +39,10 @@ class RouterDeployment:
         routers: dict[str, Router] = {}
         for name in ROUTERS:
             if name == "selector":
+                continue
+            if name == "ensemble" and {"classifier", "lexical"} <= set(routers):
+                # Its members are loaded already; a second copy of the encoder would only cost memory.
+                routers[name] = EnsembleRouter(catalog, (routers["classifier"], routers["lexical"]))
                 continue
             try:
                 routers[name] = make_router(name, catalog)

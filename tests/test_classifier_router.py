@@ -1,4 +1,4 @@
-"""The classifier router, trained for real on a tiny 3-task corpus (one training, a few seconds of CPU)."""
+"""The classifier, lexical and ensemble routers, trained for real on a tiny 3-task corpus (seconds of CPU)."""
 
 import json
 import shutil
@@ -9,11 +9,14 @@ import pytest
 from routing.catalog import CatalogError, TaskEntry, write_catalog
 from routing.decision import RouteRequest
 from routing.routers import make_router
-from routing.routers.classifier import LABELS_FILE, ClassifierRouter, domain_soft_targets, fit_temperature
+from routing.routers.classifier import ClassifierRouter, domain_soft_targets
+from routing.routers.ensemble import EnsembleRouter
+from routing.routers.lexical import LexicalRouter
+from routing.routers.probabilistic import LABELS_FILE, fit_temperature
 from routing.templates import DEFAULT_TEMPLATE
 from training.catalog_build import build_catalog
 from training.records import Record
-from training.router_training import train_classifier
+from training.router_training import train_classifier, train_lexical
 
 CORPUS = {
     "fin/stocks": ("Say whether the stock goes up or down.", [
@@ -46,7 +49,7 @@ QUERIES = [("Stock prices dropped after the earnings report.", "fin/stocks"),
            ("The buyer shall indemnify the seller against all claims.", "legal/contracts")]
 RECORDS = [Record(instr, text, "out", *key.split("/")) for key, (instr, texts) in CORPUS.items() for text in texts]
 # Routers that need a trained artefact: the same table as tests/test_routing.py, on a trained catalog.
-TRAINED_ROUTERS = {"classifier": ClassifierRouter}
+TRAINED_ROUTERS = {"classifier": ClassifierRouter, "lexical": LexicalRouter, "ensemble": EnsembleRouter}
 
 @pytest.fixture(scope="module")
 def base_catalog(tmp_path_factory, encoder):
@@ -71,17 +74,36 @@ def _requests(encoder, router, **kw):
 
 def test_training_derives_a_new_catalog_version(base_catalog, trained):
     assert trained.parent == base_catalog.version and trained.version != base_catalog.version
-    assert set(trained.routers) == {"classifier"} and trained.keys == base_catalog.keys
-    artefact = trained.router_path("classifier")
-    assert json.loads((artefact / LABELS_FILE).read_text()) == trained.keys
+    assert set(trained.routers) == {"classifier", "lexical"} and trained.keys == base_catalog.keys
+    artefact, lexical = trained.router_path("classifier"), trained.router_path("lexical")
+    for path in (artefact, lexical):
+        assert json.loads((path / LABELS_FILE).read_text()) == trained.keys
+        assert not [f for f in path.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".pkl")]
+        assert json.loads((path / "router.json").read_text())["calibration_temperature"] > 0
     assert {"model.safetensors", "head.safetensors", "config.json", "router.json", "tokenizer.json"} <= \
         {f.name for f in artefact.iterdir()}
-    assert not [f for f in artefact.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".pkl")]
-    settings = json.loads((artefact / "router.json").read_text())
-    assert settings["calibration_temperature"] > 0 and settings["training"]["domain_smoothing"] == 0.1
-    with pytest.raises(CatalogError, match="no trained 'classifier' router"):
-        ClassifierRouter(base_catalog)
-    assert make_router("auto", trained).name == "classifier" and make_router("auto", base_catalog).name == "centroid"
+    assert {"vocabulary.json", "lexical.safetensors"} <= {f.name for f in lexical.iterdir()}
+    assert json.loads((artefact / "router.json").read_text())["training"]["domain_smoothing"] == 0.1
+    for cls in TRAINED_ROUTERS.values():
+        with pytest.raises(CatalogError, match="no trained '(classifier|lexical)' router"):
+            cls(base_catalog)
+    assert make_router("auto", trained).name == "ensemble" and make_router("auto", base_catalog).name == "centroid"
+
+
+def test_lexical_alone_trains_in_one_step_and_auto_uses_it(base_catalog, routers, tmp_path):
+    lexical = train_lexical(base_catalog, RECORDS, tmp_path / "lex", progress=False)
+    assert set(lexical.routers) == {"lexical"} and lexical.parent == base_catalog.version
+    assert make_router("auto", lexical).name == "lexical"
+    # Reloaded from safetensors + JSON, it scores exactly as the one trained alongside the classifier.
+    texts = [q for q, _ in QUERIES]
+    assert np.allclose(LexicalRouter(lexical).logits(texts), routers["lexical"].logits(texts), atol=1e-5)
+
+
+def test_ensemble_is_the_sum_of_its_members_log_probabilities(routers):
+    texts = [q for q, _ in QUERIES]
+    members = [routers[n].logits(texts) for n in ("classifier", "lexical")]
+    log_p = sum(z - np.log(np.exp(z).sum(1, keepdims=True)) for z in members)
+    assert np.allclose(routers["ensemble"].logits(texts), log_p, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(TRAINED_ROUTERS))
@@ -95,8 +117,9 @@ def test_router_table_valid_decisions(trained, routers, encoder, name):
     assert router.route([]) == []
 
 
-def test_top_k_weights_and_temperature(routers, encoder):
-    router = routers["classifier"]
+@pytest.mark.parametrize("name", sorted(TRAINED_ROUTERS))
+def test_top_k_weights_and_temperature(routers, encoder, name):
+    router = routers[name]
     sharp, default, flat = (router.route(_requests(encoder, router, top_k=3, temperature=t)) for t in (0.05, 0.2, 5.0))
     for s, d, f in zip(sharp, default, flat):
         assert len(d.tasks) == 3 and len({k for k, _ in d.tasks}) == 3
@@ -122,15 +145,17 @@ def test_exclude_drops_the_task_and_renormalises(routers, encoder, name):
 def test_labels_that_do_not_match_the_catalog_are_refused(trained, base_catalog, tmp_path):
     artefact = tmp_path / "art"
     shutil.copytree(trained.router_path("classifier"), artefact)
+    shutil.copytree(trained.router_path("lexical"), tmp_path / "lex")
     tasks = {k: TaskEntry(*k.split("/"), DEFAULT_TEMPLATE) for k in trained.keys[:2]}
     keep = np.isin(base_catalog.index.labels, [0, 1])
     from routing.task_index import TaskIndex
     index = TaskIndex.from_embeddings(base_catalog.index.embeddings[keep],
                                       [base_catalog.index.keys[i] for i in base_catalog.index.labels[keep]])
     other = write_catalog(tmp_path / "two-tasks", tasks=tasks, index=index, encoder=base_catalog.encoder,
-                          router_dirs={"classifier": artefact})
-    with pytest.raises(CatalogError, match="trained for other tasks.*cannot predict"):
-        ClassifierRouter(other)
+                          router_dirs={"classifier": artefact, "lexical": tmp_path / "lex"})
+    for cls in TRAINED_ROUTERS.values():
+        with pytest.raises(CatalogError, match="trained for other tasks.*cannot predict"):
+            cls(other)
 
 
 def test_training_rejects_records_for_unknown_tasks(base_catalog, tmp_path):

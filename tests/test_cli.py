@@ -38,6 +38,14 @@ def test_catalog_build_show_and_eval_routing(tmp_path):
             assert (tmp_path / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out["ood"] is True and out["top1_task_acc"] == 0.0
 
+    trained = run("train", "router", "--kind", "lexical", "--catalog", str(tmp_path / "cat"),
+                  "--tasks", str(data["train"]), "--out", str(tmp_path / "cat-lexical"))
+    assert trained.returncode == 0, trained.stderr
+    assert json.loads(trained.stdout.strip().splitlines()[-1])["routers"] == ["lexical"]
+    res = run("eval", "routing", "--catalog", str(tmp_path / "cat-lexical"), "--data", str(data["test"]))
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["router"] == "lexical" and out["top1_task_acc"] >= 0.9   # `auto` picks the trained router
+
 
 def test_bad_input_exits_2_with_file_line_and_field(tmp_path):
     bad = tmp_path / "bad.jsonl"

@@ -63,7 +63,7 @@ def test_training_free_routers_answer_valid_decisions(catalog, encoder, name):
 
 def test_trained_routers_are_refused_without_their_artefact(catalog):
     for name in sorted(set(ROUTERS) - set(TRAINING_FREE)):
-        with pytest.raises(ValueError, match=f"no trained {name!r} router"):
+        with pytest.raises(ValueError, match=f"no trained {ROUTERS[name].artefacts[0]!r} router"):
             make_router(name, catalog)
 
 

@@ -11,6 +11,7 @@ from serve_app.client import SwitchboardClient
 from training.adapter import TrainSpec, train_adapters
 from training.catalog_build import build_catalog
 from training.demo_corpus import demo_records
+from training.router_training import train_lexical
 
 KEYS = ("fin/sentiment", "legal/plaintiff", "med/dose")
 
@@ -133,6 +134,22 @@ def test_catalog_switch_in_place_keeps_replicas_and_in_flight_requests(app, tiny
     finally:
         launch.switch_catalog(app.config, app.catalog.root)
     assert generator.info.remote().result()["pid"] == before["pid"]
+
+
+def test_a_trained_router_is_served_after_a_switch_and_auto_picks_it(app):
+    """A catalog version that adds a trained router (the lexical one: seconds to fit) is switched in; the
+    live Router serves it by name, `auto` resolves to it, and switching back restores the centroid router."""
+    lexical = train_lexical(app.catalog, _pick("val"), app.work / "catalog-lexical", progress=False)
+    launch.switch_catalog(app.config, lexical.root)
+    try:
+        assert "lexical" in app.client.health().routers
+        replies = [app.client.route(r.input) for r in app.test]
+        assert {d.decision.router for d in replies} == {"lexical"}
+        assert sum(d.decision.tasks[0].task == r.key for d, r in zip(replies, app.test)) >= 0.9 * len(app.test)
+        assert app.client.route(app.test[0].input, router="lexical", top_k=2).decision.router == "lexical"
+    finally:
+        launch.switch_catalog(app.config, app.catalog.root)
+    assert app.client.route(app.test[0].input).decision.router == "centroid"
 
 
 @pytest.mark.slow

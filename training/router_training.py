@@ -1,9 +1,10 @@
-"""Train the `classifier` router for a catalog and write it into a new catalog version.
+"""Train the `classifier` and `lexical` routers for a catalog and write them into a new catalog version.
 
-    from training.router_training import train_classifier
+    from training.router_training import train_classifier, train_lexical
     new = train_classifier(catalog, records, Path("catalogs/with-classifier"), text_mode="input")
+    fast = train_lexical(catalog, records, Path("catalogs/with-lexical"))   # seconds, no encoder training
 
-What happens (all seeded by `seed`):
+What `train_classifier` does (all seeded by `seed`):
   1. every task keeps a few records apart for calibration (10%, at least 1, at most
      `calibration_per_task`, 50 by default);
   2. a balanced sample of at most `per_task` of the rest per task is the training set;
@@ -11,10 +12,13 @@ What happens (all seeded by `seed`):
      (up to 64 per task of) the training texts, so step 0 equals the centroid router;
   4. transformers' `Trainer` fine-tunes encoder + head with cross-entropy (length-grouped batches);
   5. on the calibration records: a temperature for the probabilities (temperature scaling);
-  6. the artefact is written to a temp dir and `derive_catalog` makes the new catalog version.
+  6. the lexical router is fitted too, on all the non-calibration records (seconds to a minute or
+     two), so the catalog can serve the `ensemble` router;
+  7. the artefacts are written to a temp dir and `derive_catalog` makes the new catalog version.
 
-CPU defaults: max_length 128, batch 32, 2 epochs, lr 5e-5 (encoder) / 2e-3 (head). About 12 tasks
-x 300 records train in ~15 min on two cores.
+CPU defaults: max_length 128, batch 32, 2 epochs, lr 5e-5 (encoder) / 2e-3 (head). 12 tasks x 300
+records (max_length 64) train in about 3 min on two cores; the lexical model on TASA's 31,500
+records adds 1.5 min.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ import torch
 
 from routing.catalog import Catalog, derive_catalog
 from routing.encoder import _encoder_path
-from routing.routers.classifier import TaskClassifier, domain_soft_targets, fit_temperature, mean_pool, tokenize
+from routing.routers.classifier import TaskClassifier, domain_soft_targets, mean_pool, tokenize
+from routing.routers.lexical import LexicalModel
+from routing.routers.probabilistic import fit_temperature
 
 from .records import Record, TEXT_MODES, group_by_task
 
@@ -126,19 +132,17 @@ def train_classifier(catalog: Catalog, records: list[Record], out: str | Path, *
     `records` may cover only some tasks of a bigger corpus but every key must be in the catalog
     (unknown keys raise, listing them) and every catalog task needs records. `prefix` is prepended
     to every text at training and routing time. `domain_smoothing` moves that much of each target
-    onto the other tasks of its domain (see `domain_soft_targets`).
+    onto the other tasks of its domain (see `domain_soft_targets`). The lexical router is fitted
+    into the same catalog version (see the module docstring).
     """
     from transformers import (AutoModel, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments,
                               set_seed)
     from transformers.trainer_callback import PrinterCallback
 
-    log = log or (lambda msg: print(f"[train classifier] {msg}", file=sys.stderr, flush=True) if progress else None)
-    if text_mode not in (*TEXT_MODES, "both"):
-        raise ValueError(f"text_mode must be one of {(*TEXT_MODES, 'both')}, got {text_mode!r}")
-    if Path(out).exists() and any(Path(out).iterdir()):
-        raise ValueError(f"{out} already exists and is not empty; a trained catalog is a new directory")
+    log = _logger("classifier", progress, log)
     keys = catalog.keys
-    train, calib = split_for_training(records, keys, per_task, seed, calibration_per_task)
+    everything, calib = _prepare(records, keys, out, text_mode, seed, calibration_per_task)
+    train = {k: rows if per_task is None else rows[:per_task] for k, rows in everything.items()}
     set_seed(seed)
     started = time.perf_counter()
     hf_dir = hf_encoder_dir(catalog.encoder["name"])
@@ -198,24 +202,79 @@ def train_classifier(catalog: Catalog, records: list[Record], out: str | Path, *
         if cal_records:
             settings.update(_calibrate(model, tokenizer, cal_records, text_mode, prefix, max_length, progress))
             log(f"calibration: {json.dumps({k: v for k, v in settings.items() if k.startswith('calib')})}")
-        artefact = Path(tmp) / "classifier"
-        model.save(artefact, tokenizer, keys, settings)
-        new = derive_catalog(catalog, out, router_dirs={"classifier": artefact})
-    log(f"trained in {train_s:.0f}s; catalog {new.version} (parent {catalog.version}) at {new.root}")
+        router_dirs = {"classifier": Path(tmp) / "classifier", "lexical": Path(tmp) / "lexical"}
+        model.save(router_dirs["classifier"], tokenizer, keys, settings)
+        _fit_lexical(everything, calib, keys, text_mode, seed, router_dirs["lexical"], log)
+        new = derive_catalog(catalog, out, router_dirs=router_dirs)
+    log(f"trained in {time.perf_counter() - started:.0f}s; catalog {new.version} (parent {catalog.version}) "
+        f"at {new.root}")
     return new
+
+
+def train_lexical(catalog: Catalog, records: list[Record], out: str | Path, *,
+                  text_mode: ClassifierTextMode = "input", seed: int = 0, progress: bool = True,
+                  calibration_per_task: int = CALIBRATION_MAX, log: Callable[[str], None] | None = None) -> Catalog:
+    """Fit only the lexical router (all non-calibration records, seconds); return the derived catalog.
+
+    The same record checks and calibration split as `train_classifier`.
+    """
+    log = _logger("lexical", progress, log)
+    train, calib = _prepare(records, catalog.keys, out, text_mode, seed, calibration_per_task)
+    with tempfile.TemporaryDirectory(prefix="sb-lexical-") as tmp:
+        _fit_lexical(train, calib, catalog.keys, text_mode, seed, Path(tmp) / "lexical", log)
+        new = derive_catalog(catalog, out, router_dirs={"lexical": Path(tmp) / "lexical"})
+    log(f"catalog {new.version} (parent {catalog.version}) at {new.root}")
+    return new
+
+
+def _logger(kind: str, progress: bool, log: Callable[[str], None] | None) -> Callable[[str], None]:
+    return log or (lambda msg: print(f"[train {kind}] {msg}", file=sys.stderr, flush=True) if progress else None)
+
+
+def _prepare(records: list[Record], keys: list[str], out: str | Path, text_mode: str, seed: int,
+             calibration_per_task: int) -> tuple[dict[str, list[Record]], dict[str, list[Record]]]:
+    """Checks shared by both trainers; (every non-calibration record, calibration records) per task."""
+    if text_mode not in (*TEXT_MODES, "both"):
+        raise ValueError(f"text_mode must be one of {(*TEXT_MODES, 'both')}, got {text_mode!r}")
+    if Path(out).exists() and any(Path(out).iterdir()):
+        raise ValueError(f"{out} already exists and is not empty; a trained catalog is a new directory")
+    return split_for_training(records, keys, None, seed, calibration_per_task)
+
+
+def _fit_lexical(train: dict[str, list[Record]], calib: dict[str, list[Record]], keys: list[str],
+                 text_mode: ClassifierTextMode, seed: int, dest: Path, log: Callable[[str], None]) -> None:
+    """Fit the lexical model on `train`, calibrate it on `calib`, write its artefact to `dest`."""
+    started = time.perf_counter()
+    pairs = [(t, i) for i, key in enumerate(keys) for r in train[key] for t in texts_for(r, text_mode)]
+    model = LexicalModel.fit([t for t, _ in pairs], np.array([i for _, i in pairs]), len(keys))
+    settings = {"text_mode": text_mode, "calibration_temperature": 1.0,
+                "training": {"texts": len(pairs), "features": int(model.coef.shape[1]), "seed": seed,
+                             "seconds": round(time.perf_counter() - started, 1)}}
+    cal = [(r, i) for i, key in enumerate(keys) for r in calib[key]]
+    if cal:
+        modes = TEXT_MODES if text_mode == "both" else (text_mode,)
+        settings.update(_calibration(model.logits([r.text(m) for m in modes for r, _ in cal]),
+                                     np.array([i for _ in modes for _, i in cal])))
+    model.save(dest, keys, settings)
+    log(f"lexical: {len(pairs)} texts, {model.coef.shape[1]} n-gram features, fitted in "
+        f"{settings['training']['seconds']}s; calibration top-1 {settings.get('calibration_top1', float('nan')):.3f}")
 
 
 def _calibrate(model: TaskClassifier, tokenizer, cal: list[tuple[Record, int]], text_mode: ClassifierTextMode,
                prefix: str, max_length: int, progress: bool) -> dict:
-    """Temperature scaling on the held-out calibration records, and the accuracy measured there."""
+    """Temperature scaling of the classifier on the held-out calibration records."""
     modes = TEXT_MODES if text_mode == "both" else (text_mode,)
     texts = [prefix + r.text(m) for m in modes for r, _ in cal]
-    truth = np.array([i for _ in modes for _, i in cal])
     emb = _embed(model.encoder, tokenizer, texts, max_length, progress=progress, desc="calibration")
     with torch.no_grad():
         prototypes = torch.nn.functional.normalize(model.prototypes.detach().float().cpu(), dim=-1)
         logits = (model.log_scale.detach().float().cpu().exp() * emb @ prototypes.T).numpy()   # (N, T)
+    return _calibration(logits, np.array([i for _ in modes for _, i in cal]))
+
+
+def _calibration(logits: np.ndarray, truth: np.ndarray) -> dict:
+    """The temperature for `logits` and the top-1 accuracy measured on the calibration records."""
     # Too few records to fit a temperature reliably: keep the trained scale as it is.
-    temperature = fit_temperature(logits, truth) if len(texts) >= MIN_CALIBRATION else 1.0
+    temperature = fit_temperature(logits, truth) if len(truth) >= MIN_CALIBRATION else 1.0
     return {"calibration_temperature": temperature,
-            "calibration_top1": float(np.mean(logits.argmax(1) == truth)), "calibration_n": len(texts)}
+            "calibration_top1": float(np.mean(logits.argmax(1) == truth)), "calibration_n": len(truth)}

@@ -9,22 +9,25 @@ from ..catalog import Catalog
 from .base import Router, UnknownTaskError
 from .centroid import CentroidRouter
 from .classifier import ClassifierRouter
+from .ensemble import EnsembleRouter
 from .fixed import FixedRouter
+from .lexical import LexicalRouter
 from .selector import SelectorRouter
 
 ROUTERS: dict[str, type[Router]] = {
-    r.name: r for r in (CentroidRouter, FixedRouter, ClassifierRouter, SelectorRouter)}
+    r.name: r for r in (CentroidRouter, FixedRouter, ClassifierRouter, LexicalRouter, EnsembleRouter, SelectorRouter)}
 
 
 AUTO = "auto"
-# `auto`, best first: the trained classifier beats the centroid router on every column of
-# bench/RESULTS.md; the selector is not in the list (a whole LM per request, and weaker on real data).
-AUTO_PREFERENCE = ("classifier", "centroid")
+# `auto`, best first, as bench/RESULTS.md ranks them on the real data: the ensemble beats its two
+# members, each of which beats the training-free centroid router; the selector is not in the list
+# (a whole LM per request, and weaker on real data).
+AUTO_PREFERENCE = ("ensemble", "classifier", "lexical", "centroid")
 
 
 def best_router(catalog: Catalog) -> str:
-    """What `auto` means for this catalog: the first of `AUTO_PREFERENCE` it can serve."""
-    return next(n for n in AUTO_PREFERENCE if n == "centroid" or n in catalog.routers)
+    """What `auto` means for this catalog: the first of `AUTO_PREFERENCE` whose artefacts it carries."""
+    return next(n for n in AUTO_PREFERENCE if all(a in catalog.routers for a in ROUTERS[n].artefacts))
 
 
 def make_router(name: str, catalog: Catalog) -> Router:

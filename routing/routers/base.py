@@ -17,6 +17,7 @@ class UnknownTaskError(KeyError):
 class Router(ABC):
     name: ClassVar[str]
     needs_embedding: ClassVar[bool] = False  # True: requests must carry `embedding` (the Embedder fills it)
+    artefacts: ClassVar[tuple[str, ...]] = ()  # trained artefacts (`catalog.routers` names) it needs
 
     def __init__(self, catalog: Catalog):
         self.catalog = catalog

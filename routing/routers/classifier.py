@@ -12,14 +12,7 @@ would; fine-tuning then moves encoder and prototypes (cross-entropy, optionally 
 target spread over the task's domain peers, `domain_soft_targets`). A calibration temperature `T_cal` (temperature scaling, fitted
 on held-out training records) turns logits into probabilities p = softmax(logits / T_cal).
 
-How a request's temperature τ applies: over the pool (the excluded task, if any, removed and the
-rest renormalised) the router takes the top-K tasks by p and weights them
-
-    w_i ∝ p_i ** (τ0 / τ)  =  softmax(logits_topK / (T_cal · τ / τ0))_i,   τ0 = DEFAULT_TEMPERATURE
-
-so at the default τ the weights are the calibrated probabilities renormalised over the top-K; a
-smaller τ sharpens them towards top-1, a larger τ flattens them towards uniform. The decision's
-`scores` are the calibrated pool probabilities p of the chosen tasks.
+How a request's top-K and temperature τ turn probabilities into a decision: `probabilistic.py`.
 
 Artefact (`catalog.router_path("classifier")`), safetensors and JSON only:
     model.safetensors, config.json       the fine-tuned encoder (transformers AutoModel format)
@@ -31,8 +24,6 @@ Artefact (`catalog.router_path("classifier")`), safetensors and JSON only:
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +31,8 @@ import torch
 from torch import nn
 
 from ..catalog import Catalog, CatalogError
-from ..decision import DEFAULT_TEMPERATURE, RouteDecision, RouteRequest
-from .base import Router
+from .probabilistic import ProbabilisticRouter, read_artefact, write_artefact
 
-LABELS_FILE = "labels.json"
-SETTINGS_FILE = "router.json"
 HEAD_FILE = "head.safetensors"
 INFERENCE_BATCH = 64
 
@@ -108,8 +96,7 @@ class TaskClassifier(nn.Module):
         tokenizer.save_pretrained(out)
         save_file({"prototypes": self.prototypes.detach().cpu().contiguous(),
                    "log_scale": self.log_scale.detach().cpu().reshape(())}, str(out / HEAD_FILE))
-        (out / LABELS_FILE).write_text(json.dumps(labels, indent=1))
-        (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True))
+        write_artefact(out, labels, settings)
 
 
 def domain_soft_targets(keys: list[str], smoothing: float) -> torch.Tensor:
@@ -128,31 +115,15 @@ def domain_soft_targets(keys: list[str], smoothing: float) -> torch.Tensor:
     return t
 
 
-def read_labels(path: Path, keys: list[str]) -> list[str]:
-    """The artefact's label order; CatalogError unless it is exactly the catalog's task set."""
-    try:
-        labels = json.loads((path / LABELS_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CatalogError(f"classifier {path}: unreadable {LABELS_FILE} ({e})") from None
-    if not isinstance(labels, list) or len(set(labels)) != len(labels) or set(labels) != set(keys):
-        extra = sorted(set(labels) - set(keys)) if isinstance(labels, list) else labels
-        missing = sorted(set(keys) - set(labels)) if isinstance(labels, list) else keys
-        raise CatalogError(f"classifier {path} was trained for other tasks than this catalog's: "
-                           f"labels not in the catalog {extra}, catalog tasks it cannot predict {missing}; "
-                           f"retrain it on this catalog")
-    return labels
-
-
 def load_classifier(path: Path, keys: list[str]) -> tuple[TaskClassifier, object, list[str], dict]:
     """(model in eval mode, tokenizer, labels, settings) from an artefact directory."""
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoTokenizer
 
-    labels = read_labels(path, keys)
+    labels, settings = read_artefact(path, keys, "classifier")
     try:
-        settings = json.loads((path / SETTINGS_FILE).read_text())
         head = load_file(str(path / HEAD_FILE))
-    except (OSError, json.JSONDecodeError) as e:
+    except OSError as e:
         raise CatalogError(f"classifier {path}: unreadable artefact ({e})") from None
     if head["prototypes"].shape[0] != len(labels):
         raise CatalogError(f"classifier {path}: head has {head['prototypes'].shape[0]} prototypes "
@@ -162,19 +133,19 @@ def load_classifier(path: Path, keys: list[str]) -> tuple[TaskClassifier, object
     return model.eval(), AutoTokenizer.from_pretrained(str(path)), labels, settings
 
 
-class ClassifierRouter(Router):
-    """Fine-tuned encoder classifier over the catalog's tasks; see the module docstring for τ."""
+class ClassifierRouter(ProbabilisticRouter):
+    """Fine-tuned encoder classifier over the catalog's tasks."""
 
     name = "classifier"
+    artefacts = ("classifier",)
 
     def __init__(self, catalog: Catalog):
-        super().__init__(catalog)
         path = catalog.router_path("classifier")   # CatalogError when the catalog has none
-        self.model, self.tokenizer, self.labels, self.settings = load_classifier(path, catalog.keys)
+        self.model, self.tokenizer, labels, self.settings = load_classifier(path, catalog.keys)
+        super().__init__(catalog, labels)
         self.prefix: str = self.settings.get("prefix", "")
         self.max_length: int = int(self.settings.get("max_length", 128))
         self.calibration: float = float(self.settings.get("calibration_temperature", 1.0))
-        self._position = {k: i for i, k in enumerate(self.labels)}
 
     @torch.inference_mode()
     def logits(self, texts: list[str]) -> np.ndarray:
@@ -189,41 +160,3 @@ class ClassifierRouter(Router):
             logits = self.model(**{k: v.to(device) for k, v in batch.items()})["logits"]
             out[rows] = (logits / self.calibration).float().cpu().numpy()
         return out
-
-    def probabilities(self, logits: np.ndarray, exclude: str | None) -> np.ndarray:
-        """Calibrated probabilities over the pool: the excluded task (if the catalog has it) gets 0."""
-        z = logits.astype(np.float64).copy()
-        if exclude is not None and exclude in self._position:
-            z[self._position[exclude]] = -np.inf
-        z = np.exp(z - z.max())
-        return z / z.sum()
-
-    def decide(self, request: RouteRequest, logits: np.ndarray) -> RouteDecision:
-        p = self.probabilities(logits, request.exclude)
-        k = min(request.top_k, int((p > 0).sum()))
-        top = np.argsort(-p, kind="stable")[:k]
-        # w ∝ p^(τ0/τ): computed in log space so tiny probabilities do not underflow.
-        logw = np.log(np.maximum(p[top], 1e-300)) * (DEFAULT_TEMPERATURE / request.temperature)
-        w = np.exp(logw - logw.max())
-        w /= w.sum()
-        return self._decision([(self.labels[t], wt) for t, wt in zip(top, w)], [p[t] for t in top])
-
-    def route(self, requests: list[RouteRequest]) -> list[RouteDecision]:
-        if not requests:
-            return []
-        logits = self.logits([r.text for r in requests])
-        return [self.decide(r, z) for r, z in zip(requests, logits)]
-
-
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Temperature scaling (Guo et al., 2017): the T minimising held-out NLL of softmax(logits / T)."""
-    grid = np.exp(np.linspace(math.log(0.05), math.log(20.0), 241))
-    z = logits.astype(np.float64)
-    best, best_nll = 1.0, math.inf
-    for t in grid:
-        s = z / t
-        s = s - s.max(axis=1, keepdims=True)
-        nll = float(np.mean(np.log(np.exp(s).sum(axis=1)) - s[np.arange(len(s)), labels]))
-        if nll < best_nll:
-            best, best_nll = float(t), nll
-    return best

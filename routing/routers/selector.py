@@ -15,6 +15,7 @@ class SelectorRouter(Router):
     """
 
     name = "selector"
+    artefacts = ("selector",)
 
     def __init__(self, catalog: Catalog, model: SelectorModel | None = None):
         super().__init__(catalog)
