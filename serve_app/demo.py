@@ -1,7 +1,8 @@
 """`switchboard demo`: the whole product in miniature, on one machine, offline.
 
-corpus -> base model -> one adapter per task -> catalog -> Serve app (from the Serve YAML) ->
-every test query over gRPC three ways (bare base, oracle adapter, routed) -> per-task report.
+corpus -> base model -> one adapter per task -> catalog -> trained routers (a new catalog version) ->
+Serve app (from the Serve YAML) -> every test query over gRPC three ways (bare base, oracle adapter,
+routed by `auto`, which serves the ensemble router) -> per-task report.
 Every step is cached by content, so a second run only re-serves and re-evaluates.
 """
 
@@ -16,22 +17,26 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from routing.catalog import MANIFEST, Catalog
 from routing.metrics import score
 from training.adapter import train_adapters
 from training.base_model import resolve_base_model
 from training.catalog_build import build_catalog
 from training.demo_corpus import demo_records, write_demo_corpus
 from training.records import Record
+from training.router_training import train_classifier
 
 from . import launch
 from .client import SwitchboardClient
 
 MAX_NEW_TOKENS = 16
 CONCURRENCY = 16   # in-flight requests, so the Generator really batches mixed adapters
+STEPS = 7
+ROUTER_TRAINING = {"per_task": 100, "epochs": 1.0}   # the demo's tasks are easy; seconds, not minutes
 
 
 def _step(n: int, text: str) -> None:
-    print(f"\n[{n}/6] {text}", file=sys.stderr, flush=True)
+    print(f"\n[{n}/{STEPS}] {text}", file=sys.stderr, flush=True)
 
 
 def _ask(client: SwitchboardClient, records: list[Record], desc: str, **kwargs) -> list[tuple[str, str, float]]:
@@ -70,21 +75,35 @@ def run_demo(base_model: str = "tiny", workdir: Path = Path("runs/demo"), grpc_p
                             versioned=True)
     print(f"  catalog {catalog.version} at {catalog.root}", file=sys.stderr)
 
-    _step(5, "Serve app from serve_app/serve_config.yaml (gRPC on loopback)")
+    _step(5, "routers: fine-tuned encoder classifier + n-gram model (the ensemble `auto` serves)")
+    catalog = _with_trained_routers(catalog, train)
+    print(f"  catalog {catalog.version} (parent {catalog.parent}) at {catalog.root}", file=sys.stderr)
+
+    _step(6, "Serve app from serve_app/serve_config.yaml (gRPC on loopback)")
     config = launch.load_config(args={"catalog": str(catalog.root), "base_model": str(base_dir)}, grpc_port=grpc_port)
     launch.start(config)
     try:
-        _step(6, f"{len(test)} test queries x 3 over gRPC")
+        _step(7, f"{len(test)} test queries x 3 over gRPC")
         with SwitchboardClient(f"127.0.0.1:{grpc_port}") as client:
             health = client.health()
             print(f"  {health.status}: catalog {health.catalog_version}, base {health.base_model}", file=sys.stderr)
             base = _ask(client, test, "bare base", fixed=True, base_only=True)
             oracle = _ask(client, test, "oracle adapter", fixed=True)
-            routed = _ask(client, test, "routed (centroid)")
+            routed = _ask(client, test, "routed (auto)")
+            router = client.route(test[0].input).decision.router   # what `auto` serves
             cost = _routing_cost(client, test[::len(test) // 16 or 1][:16])
     finally:
         launch.stop()
-    return {**_report(test, base, oracle, routed, catalog.version, time.perf_counter() - started), **cost}
+    report = _report(test, base, oracle, routed, catalog.version, time.perf_counter() - started)
+    return {**report, "router": router, **cost}
+
+
+def _with_trained_routers(catalog: Catalog, records: list[Record]) -> Catalog:
+    """`catalog` plus the classifier and lexical routers, cached next to it by its version."""
+    out = catalog.root.parent / f"{catalog.version}-routers"
+    if (out / MANIFEST).is_file():
+        return Catalog.load(out)
+    return train_classifier(catalog, records, out, **ROUTER_TRAINING)
 
 
 def _routing_cost(client: SwitchboardClient, records: list[Record]) -> dict:

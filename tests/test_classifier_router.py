@@ -11,7 +11,7 @@ from routing.decision import RouteRequest
 from routing.routers import make_router
 from routing.routers.classifier import ClassifierRouter, domain_soft_targets
 from routing.routers.ensemble import EnsembleRouter
-from routing.routers.lexical import LexicalRouter
+from routing.routers.lexical import LexicalModel, LexicalRouter
 from routing.routers.probabilistic import LABELS_FILE, fit_temperature
 from routing.templates import DEFAULT_TEMPLATE
 from training.catalog_build import build_catalog
@@ -97,6 +97,15 @@ def test_lexical_alone_trains_in_one_step_and_auto_uses_it(base_catalog, routers
     # Reloaded from safetensors + JSON, it scores exactly as the one trained alongside the classifier.
     texts = [q for q, _ in QUERIES]
     assert np.allclose(LexicalRouter(lexical).logits(texts), routers["lexical"].logits(texts), atol=1e-5)
+
+
+def test_lexical_model_with_two_tasks_keeps_one_logit_row_per_task():
+    texts = [t for key in ("fin/stocks", "med/symptoms") for t in CORPUS[key][1]]
+    labels = np.repeat([0, 1], 10)
+    model = LexicalModel.fit(texts, labels, 2)   # scikit-learn stores a single row for two classes
+    assert model.coef.shape[0] == 2 and (model.logits(texts).argmax(1) == labels).all()
+    with pytest.raises(ValueError, match="every label needs training texts"):
+        LexicalModel.fit(texts, labels, 3)
 
 
 def test_ensemble_is_the_sum_of_its_members_log_probabilities(routers):

@@ -48,24 +48,17 @@ class LexicalModel:
 
         vectorizers = {name: TfidfVectorizer(**params, **FIT_LIMITS[name]).fit(texts)
                        for name, params in VECTORIZERS.items()}
-        model = cls(vectorizers, np.zeros(0), np.zeros(0))
-        clf = LogisticRegression(C=c, max_iter=2000).fit(model.features(texts), labels)
+        clf = LogisticRegression(C=c, max_iter=2000).fit(_features(vectorizers, texts), labels)
         if list(clf.classes_) != list(range(n_labels)):
             raise ValueError(f"every label needs training texts; got labels {list(clf.classes_)} of {n_labels}")
         coef, intercept = clf.coef_, clf.intercept_
         if n_labels == 2:   # scikit-learn keeps one row for two classes: logit(1) - logit(0)
             coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
-        model.coef, model.intercept = coef.astype(np.float32), intercept.astype(np.float32)
-        return model
-
-    def features(self, texts: list[str]):
-        from scipy.sparse import hstack
-
-        return hstack([v.transform(texts) for v in self.vectorizers.values()]).tocsr()
+        return cls(vectorizers, coef.astype(np.float32), intercept.astype(np.float32))
 
     def logits(self, texts: list[str]) -> np.ndarray:
         """Raw logits (N, T)."""
-        return np.asarray(self.features(texts) @ self.coef.T) + self.intercept
+        return np.asarray(_features(self.vectorizers, texts) @ self.coef.T) + self.intercept
 
     def save(self, out: Path, labels: list[str], settings: dict) -> None:
         from safetensors.numpy import save_file
@@ -97,6 +90,13 @@ class LexicalModel:
         if tensors["coef"].shape[1] != n_features:
             raise CatalogError(f"lexical {path}: {tensors['coef'].shape[1]} weights per label for {n_features} terms")
         return cls(vectorizers, tensors["coef"], tensors["intercept"])
+
+
+def _features(vectorizers: dict, texts: list[str]):
+    """(N, F) sparse: the vectorisers' TF-IDF columns side by side."""
+    from scipy.sparse import hstack
+
+    return hstack([v.transform(texts) for v in vectorizers.values()]).tocsr()
 
 
 class LexicalRouter(ProbabilisticRouter):
