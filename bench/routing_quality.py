@@ -52,6 +52,7 @@ from routing.encoder import shared_encoder  # noqa: E402
 from routing.evaluation import evaluate_routing  # noqa: E402
 from routing.routers import ROUTERS as REGISTERED, Router  # noqa: E402
 from routing.routers.probabilistic import ProbabilisticRouter  # noqa: E402
+from training.accelerator import use_cpu_deepspeed_without_cuda  # noqa: E402
 from training.catalog_build import build_catalog  # noqa: E402
 from training.records import Record, group_by_task, load_records, split_per_task  # noqa: E402
 from training.router_training import train_classifier  # noqa: E402
@@ -290,6 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--selector-steps", type=int, default=150, help="selector training steps per cell")
     ap.add_argument("--flan-folds", type=int, default=None, help="override the number of FLAN folds (1..5)")
     args = ap.parse_args(argv)
+    use_cpu_deepspeed_without_cuda()
     if args.ablation:
         TRAINERS.update(ABLATION_TRAINERS)
         ROUTERS.update(ABLATION_ROUTERS)

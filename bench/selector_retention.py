@@ -38,6 +38,7 @@ from routing.evaluation import evaluate_routing  # noqa: E402
 from routing.routers import make_router  # noqa: E402
 from training.adapter import TrainSpec  # noqa: E402
 from training.base_model import resolve_base_model  # noqa: E402
+from training.accelerator import use_cpu_deepspeed_without_cuda  # noqa: E402
 from training.catalog_build import build_catalog  # noqa: E402
 from training.demo_corpus import demo_records  # noqa: E402
 from training.records import Record, group_by_task, load_records, split_per_task  # noqa: E402
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-per-task", type=int, default=50, help="--tasa: held-out queries per task")
     ap.add_argument("--work", type=Path, help="keep catalogs here (default: a temp dir)")
     a = ap.parse_args(argv)
+    use_cpu_deepspeed_without_cuda()
     started = time.perf_counter()
     base = resolve_base_model(a.base_model)
     train, test = load_data(a.tasa, a.eval_per_task, 8 * a.per_task)

@@ -37,6 +37,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from transformers import TrainerCallback  # noqa: E402
 
+from training.accelerator import use_cpu_deepspeed_without_cuda  # noqa: E402
+
 MODES = ("single", "ray_train", "ray_train_zero2")
 
 
@@ -137,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=2, help="runs per training mode (median reported)")
     ap.add_argument("--sweep-steps", type=int, default=80, help="steps per sweep trial; 0 skips the sweeps")
     a = ap.parse_args(argv)
+    use_cpu_deepspeed_without_cuda()
 
     from training.base_model import resolve_base_model
     from training.distributed import ray_session

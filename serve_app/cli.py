@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from training.accelerator import use_cpu_deepspeed_without_cuda
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -282,18 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cpu_only_deepspeed() -> None:
-    """On a machine without CUDA, name DeepSpeed's accelerator: left to detect it, DeepSpeed (which
-    transformers' Trainer imports) prints a warning to stdout, where only our JSON belongs."""
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _cpu_only_deepspeed()
+    use_cpu_deepspeed_without_cuda()
     try:
         emit(args.fn(args))
     except USER_ERRORS as e:
