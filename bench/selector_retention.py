@@ -24,9 +24,9 @@ import json
 import os
 import random
 import sys
-from collections import Counter
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, not bench/, wins imports
@@ -36,9 +36,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from routing.evaluation import evaluate_routing  # noqa: E402
 from routing.routers import make_router  # noqa: E402
+from training.accelerator import use_cpu_deepspeed_without_cuda  # noqa: E402
 from training.adapter import TrainSpec  # noqa: E402
 from training.base_model import resolve_base_model  # noqa: E402
-from training.accelerator import use_cpu_deepspeed_without_cuda  # noqa: E402
 from training.catalog_build import build_catalog  # noqa: E402
 from training.demo_corpus import demo_records  # noqa: E402
 from training.records import Record, group_by_task, load_records, split_per_task  # noqa: E402

@@ -275,8 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = command("routing", cmd_eval_routing, "routing accuracy of a router on labelled records", ev)
     c.add_argument("--catalog", required=True)
     c.add_argument("--data", required=True)
-    c.add_argument("--router", default="auto", help="auto (default: the best the catalog carries: ensemble, classifier, lexical, centroid), "
-                        "or one of them, or selector")
+    c.add_argument("--router", default="auto",
+                   help="auto (default): the best the catalog carries, of ensemble, classifier, lexical, centroid; "
+                        "or any of those, or selector")
     c.add_argument("--top-k", type=int, default=3, choices=range(1, MAX_TOP_K + 1), metavar=f"1..{MAX_TOP_K}")
     c.add_argument("--text", **text)
     c.add_argument("--ood", action="store_true", help="leave each query's own task out of the pool")

@@ -8,8 +8,7 @@ from ray.serve.handle import DeploymentHandle
 
 from routing.catalog import Catalog
 from routing.decision import RouteDecision, RouteRequest
-from routing.routers import AUTO, ROUTERS, Router, best_router, make_router
-from routing.routers.ensemble import EnsembleRouter
+from routing.routers import ROUTERS, make_routers
 
 from .config import AppArgs, catalog_switch
 
@@ -36,20 +35,8 @@ class RouterDeployment:
             self._use(catalog)
 
     def _use(self, catalog: Catalog) -> None:
-        routers: dict[str, Router] = {}
-        for name in ROUTERS:
-            if name == "selector":
-                continue
-            if name == "ensemble" and {"classifier", "lexical"} <= set(routers):
-                # Its members are loaded already; a second copy of the encoder would only cost memory.
-                routers[name] = EnsembleRouter(catalog, (routers["classifier"], routers["lexical"]))
-                continue
-            try:
-                routers[name] = make_router(name, catalog)
-            except (ValueError, FileNotFoundError):
-                continue  # a trained router this catalog does not carry
-        routers[AUTO] = routers[best_router(catalog)]
-        self.catalog, self.routers = catalog, routers  # one assignment: a request sees one version
+        # One assignment: a request sees one version. The selector runs on its own deployment.
+        self.catalog, self.routers = catalog, make_routers(catalog, [n for n in ROUTERS if n != "selector"])
 
     async def route(self, request: RouteRequest, router: str) -> RouteDecision:
         if router == "selector" and self.selector is not None:

@@ -5,6 +5,8 @@ One file per router, registered by name in `ROUTERS`; `make_router` is the only 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from ..catalog import Catalog
 from .base import Router, UnknownTaskError
 from .centroid import CentroidRouter
@@ -25,9 +27,14 @@ AUTO = "auto"
 AUTO_PREFERENCE = ("ensemble", "classifier", "lexical", "centroid")
 
 
+def carries(catalog: Catalog, name: str) -> bool:
+    """Whether `catalog` has every trained artefact router `name` needs."""
+    return all(a in catalog.routers for a in ROUTERS[name].artefacts)
+
+
 def best_router(catalog: Catalog) -> str:
     """What `auto` means for this catalog: the first of `AUTO_PREFERENCE` whose artefacts it carries."""
-    return next(n for n in AUTO_PREFERENCE if all(a in catalog.routers for a in ROUTERS[n].artefacts))
+    return next(n for n in AUTO_PREFERENCE if carries(catalog, n))
 
 
 def make_router(name: str, catalog: Catalog) -> Router:
@@ -41,4 +48,19 @@ def make_router(name: str, catalog: Catalog) -> Router:
     return cls(catalog)
 
 
-__all__ = ["AUTO", "ROUTERS", "Router", "UnknownTaskError", "best_router", "make_router"]
+def make_routers(catalog: Catalog, names: Iterable[str] = ROUTERS) -> dict[str, Router]:
+    """Every router of `names` the catalog carries, and `auto`; the ensemble reuses its loaded members
+    (its artefact names are its members' router names) rather than loading the encoder twice."""
+    routers: dict[str, Router] = {}
+    for name in names:
+        if not carries(catalog, name):
+            continue
+        if ROUTERS[name] is EnsembleRouter and all(m in routers for m in EnsembleRouter.artefacts):
+            routers[name] = EnsembleRouter(catalog, tuple(routers[m] for m in EnsembleRouter.artefacts))
+        else:
+            routers[name] = ROUTERS[name](catalog)
+    routers[AUTO] = routers[best_router(catalog)]
+    return routers
+
+
+__all__ = ["AUTO", "ROUTERS", "Router", "UnknownTaskError", "best_router", "make_router", "make_routers"]
