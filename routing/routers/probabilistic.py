@@ -1,4 +1,4 @@
-"""Routers that score every catalog task with calibrated logits: classifier, lexical and their ensemble.
+"""Routers that score every catalog task with calibrated logits: classifier, lexical, their ensemble, selector.
 
 Each trained artefact stores its label order (`labels.json`, exactly the catalog's task set) and
 settings (`router.json`, including the calibration temperature T_cal fitted on held-out records).

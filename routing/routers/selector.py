@@ -1,39 +1,29 @@
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from ..catalog import Catalog, CatalogError
-from ..decision import RouteDecision, RouteRequest
 from ..selector_model import SelectorModel
-from .base import Router
+from .probabilistic import ProbabilisticRouter
 
 
-class SelectorRouter(Router):
-    """Adapters Selector: a LoRA selector LM scores every catalog task label; top-K, softmax with τ.
+class SelectorRouter(ProbabilisticRouter):
+    """Adapters Selector: a LoRA selector LM scores every catalog task label.
 
-    Scores are per-label log-likelihoods, so τ = 1 is the model's own distribution over tasks.
+    Its logits are the per-label log-likelihoods, so softmax over the pool is the model's own
+    distribution over tasks (no temperature is fitted: T_cal = 1), and the top-K / τ rule is the
+    one every probabilistic router shares.
     """
 
     name = "selector"
     artefacts = ("selector",)
 
     def __init__(self, catalog: Catalog, model: SelectorModel | None = None):
-        super().__init__(catalog)
-        self.model = model or SelectorModel(catalog.router_path(self.name))
-        if self.model.labels != catalog.keys:
-            raise CatalogError(f"selector was trained on tasks {self.model.labels}, the catalog has {catalog.keys}")
+        model = model or SelectorModel(catalog.router_path(self.name))
+        if sorted(model.labels) != sorted(catalog.keys):
+            raise CatalogError(f"selector was trained on tasks {model.labels}, the catalog has {catalog.keys}")
+        super().__init__(catalog, model.labels)
+        self.model = model
 
-    def route(self, requests: list[RouteRequest]) -> list[RouteDecision]:
-        if not requests:
-            return []
-        scores = self.model.log_likelihoods([r.text for r in requests])        # (B, L)
-        out = []
-        for r, s in zip(requests, scores):
-            if r.exclude in self.catalog.tasks:
-                s = s.clone()
-                s[self.catalog.keys.index(r.exclude)] = float("-inf")
-            top = torch.topk(s, min(r.top_k, len(s) - (r.exclude is not None)))
-            weights = torch.softmax(top.values / r.temperature, -1)
-            out.append(self._decision([(self.catalog.keys[i], w) for i, w in zip(top.indices.tolist(), weights.tolist())],
-                                      top.values.tolist()))
-        return out
+    def logits(self, texts: list[str]) -> np.ndarray:
+        return self.model.log_likelihoods(texts).numpy()
