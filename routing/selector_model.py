@@ -2,8 +2,9 @@
 
 The AS paper lets the selector generate `domain` and `task` freely; a free generation can name a task
 that does not exist. Here the selector *scores* every catalog label instead: one prefill of the
-prompt, then each label's few tokens on top of the cached prompt (the cache is cropped back after
-each label), so the answer is always a valid task and comes with a distribution over tasks.
+prompt, then the labels' tokens on top of the cached prompt, walked as a radix tree (a run that
+several labels share, "domain: fin, task:", is fed once; the cache is cropped back after each
+branch), so the answer is always a valid task and comes with a distribution over tasks.
 """
 
 from __future__ import annotations
@@ -49,19 +50,45 @@ class SelectorModel:
         mask = batch["attention_mask"]                                   # (B, P)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)                   # (B, P): left padding shifts positions
         out = self.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True)
-        cache = out.past_key_values
-        first = torch.log_softmax(out.logits[:, -1].float(), -1)         # (B, V): next-token after the prompt
-        next_pos = positions[:, -1:] + 1                                 # (B, 1)
         scores = torch.empty(len(texts), len(self.labels))
-        for j, ids in enumerate(self.label_ids):
-            label = torch.tensor(ids).expand(len(texts), -1)             # (B, m)
-            total = first[:, ids[0]].clone()
-            if len(ids) > 1:
-                ext = torch.cat([mask, torch.ones(len(texts), len(ids) - 1, dtype=mask.dtype)], -1)
-                step = self.model(input_ids=label[:, :-1], attention_mask=ext, past_key_values=cache, use_cache=True,
-                                  position_ids=next_pos + torch.arange(len(ids) - 1))
-                logp = torch.log_softmax(step.logits.float(), -1)        # (B, m-1, V)
-                total += logp.gather(-1, label[:, 1:, None]).squeeze(-1).sum(-1)
-                cache.crop(-(len(ids) - 1))                              # drop this label's tokens again
-            scores[:, j] = total
+        self._score_labels(list(range(len(self.labels))), 0, torch.log_softmax(out.logits[:, -1].float(), -1),
+                           torch.zeros(len(texts)), out.past_key_values, mask, positions[:, -1:] + 1, scores)
         return scores
+
+    def _score_labels(self, labels: list[int], depth: int, next_logp: torch.Tensor, prefix_logp: torch.Tensor,
+                      cache, mask: torch.Tensor, next_pos: torch.Tensor, scores: torch.Tensor) -> None:
+        """Score `labels`, which share their first `depth` tokens (already in `cache`), into `scores`.
+
+        A walk over the labels' radix tree: each run of tokens that several labels share ("domain: fin,
+        task:") is fed once for all of them, then the cache is cropped back before the next sibling.
+        `next_logp` (B, V) is the distribution of token `depth`; `prefix_logp` (B,) the shared tokens' sum.
+        """
+        groups: dict[int, list[int]] = {}
+        for j in labels:
+            groups.setdefault(self.label_ids[j][depth], []).append(j)
+        for group in groups.values():
+            ids = [self.label_ids[j] for j in group]
+            end = depth + 1
+            while all(len(x) > end for x in ids) and len({x[end] for x in ids}) == 1:
+                end += 1
+            run = ids[0][depth:end]                                      # the tokens every label here shares
+            rest = [j for j, x in zip(group, ids) if len(x) > end]
+            feed = run if rest else run[:-1]                             # a leaf needs no logits after its last token
+            total = prefix_logp + next_logp[:, run[0]]
+            if feed:
+                tokens = torch.tensor(feed).expand(len(mask), -1)       # (B, f)
+                mask = torch.cat([mask, torch.ones_like(tokens)], -1)
+                step = self.model(input_ids=tokens, attention_mask=mask, past_key_values=cache, use_cache=True,
+                                  position_ids=next_pos + torch.arange(len(feed)))
+                logp = torch.log_softmax(step.logits.float(), -1)        # (B, f, V)
+                targets = torch.tensor(run[1:], dtype=torch.long).expand(len(mask), -1)  # (B, len(run) - 1)
+                total = total + logp[:, :len(run) - 1].gather(-1, targets[..., None]).squeeze(-1).sum(-1)
+                child = logp[:, -1].clone() if rest else None            # (B, V); the rest of logp is freed
+                del step, logp
+                if rest:
+                    self._score_labels(rest, end, child, total, cache, mask, next_pos + len(feed), scores)
+                cache.crop(-len(feed))
+                mask = mask[:, :-len(feed)]
+            for j, x in zip(group, ids):
+                if len(x) == end:
+                    scores[:, j] = total

@@ -50,9 +50,13 @@ def test_selector_routes_held_out_queries_to_valid_tasks(selector_catalog):
 
 
 def test_label_scoring_matches_full_sequence_likelihood(selector_catalog):
-    """The cached prefill + cropped label steps equal scoring each prompt+label sequence from scratch."""
+    """The cached prefill + radix-tree label walk equal scoring each prompt+label sequence from scratch."""
     catalog, _, _ = selector_catalog
     model = SelectorModel(catalog.router_path("selector"))
+    # Branch deeper than the catalog does: a second med task, and a label that is a prefix of another.
+    med = model.tokenizer(label_text("med/dose"), add_special_tokens=False)["input_ids"] + [model.tokenizer.eos_token_id]
+    model.labels = [*model.labels, "med/dose", "prefix"]
+    model.label_ids = [*model.label_ids, med, model.label_ids[0][:-1]]
     texts = [r.input for r in _pick("test")[:3]] + ["short"]
     fast = model.log_likelihoods(texts)
     tok, lm = model.tokenizer, model.model
