@@ -75,8 +75,8 @@ def switch_catalog(config: dict, catalog: str | Path, timeout_s: float = 300) ->
     current = Catalog.load(served, verify=False)
     target = catalog_switch({"catalog": str(catalog)}, current) or current  # refuse here, not in the replicas
     holders = ["Router", "Generator"]
-    if "selector" in Catalog.load(app["args"]["catalog"], verify=False).routers:
-        holders.append("Selector")  # only deployed when the app's own catalog has a selector
+    if "selector" in target.routers and "selector" in Catalog.load(app["args"]["catalog"], verify=False).routers:
+        holders.append("Selector")  # deployed only when the app's own catalog has one; kept if the target has none
     entries = {d["name"]: d for d in app.setdefault("deployments", [])}
     for name in holders:
         if name not in entries:

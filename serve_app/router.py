@@ -38,11 +38,17 @@ class RouterDeployment:
         # One assignment: a request sees one version. The selector runs on its own deployment.
         self.catalog, self.routers = catalog, make_routers(catalog, [n for n in ROUTERS if n != "selector"])
 
+    def _names(self) -> list[str]:
+        """Routers this replica serves: the catalog's, plus the selector while the catalog carries one and
+        the app deploys it (a switch to a version without a selector leaves the Selector on its old labels)."""
+        selector = self.selector is not None and "selector" in self.catalog.routers
+        return sorted([*self.routers, *(["selector"] if selector else [])])
+
     async def route(self, request: RouteRequest, router: str) -> RouteDecision:
-        if router == "selector" and self.selector is not None:
+        if router not in self._names():
+            raise UnknownRouterError(f"unknown router {router!r}; this catalog serves {self._names()}")
+        if router == "selector":
             return await self.selector.route.remote(request)
-        if router not in self.routers:
-            raise UnknownRouterError(f"unknown router {router!r}; this catalog serves {sorted(self.routers)}")
         chosen = self.routers[router]
         if chosen.needs_embedding:
             embedding = await self.embedder.embed.remote(request.text)
@@ -51,5 +57,5 @@ class RouterDeployment:
 
     def info(self) -> dict:
         c = self.catalog
-        return {"version": c.version, "base_model": (c.base_model or {}).get("id", ""), "routers": sorted([*self.routers, *(["selector"] if self.selector else [])]),
+        return {"version": c.version, "base_model": (c.base_model or {}).get("id", ""), "routers": self._names(),
                 "tasks": [{"key": k, **t.__dict__} for k, t in c.tasks.items()]}

@@ -12,6 +12,7 @@ from training.adapter import TrainSpec, train_adapters
 from training.catalog_build import build_catalog
 from training.demo_corpus import demo_records
 from training.router_training import train_lexical
+from training.selector import train_selector
 
 KEYS = ("fin/sentiment", "legal/plaintiff", "med/dose")
 
@@ -27,6 +28,9 @@ def app(tmp_path_factory, tiny_base, free_port):
     adapters = work / "adapters"
     train_adapters(tiny_base, _pick("train"), adapters, train=TrainSpec(max_steps=20), progress=False)
     catalog = build_catalog(_pick("val"), work / "catalog", adapters=adapters, base_model=("tiny-test", tiny_base))
+    # With a trained selector in the catalog the app deploys the Selector too; `auto` stays centroid.
+    catalog, _ = train_selector(catalog, _pick("train"), work / "catalog-selector", tiny_base, per_task=40,
+                                train=TrainSpec(max_steps=150), progress=False)
     port = free_port()
     config = launch.load_config(args={"catalog": str(catalog.root), "max_new_tokens": 8}, grpc_port=port,
                                 http_port=free_port())
@@ -47,7 +51,7 @@ def test_health_and_list_tasks(served):
     client, catalog, _ = served
     health = client.health()
     assert health.status == "SERVING" and health.catalog_version == catalog.version
-    assert {"centroid", "fixed"} <= set(health.routers)
+    assert {"centroid", "fixed", "selector"} <= set(health.routers)
     listed = client.list_tasks()
     assert [t.key for t in listed.tasks] == sorted(KEYS) and listed.base_model == catalog.base_model["id"]
     assert all(t.has_adapter and t.lora_rank == 8 and t.lora_variant == "lora" for t in listed.tasks)
@@ -70,6 +74,18 @@ def test_generate_routed_fixed_and_base_only(served):
     assert [(t.task, t.weight) for t in fixed.decision.tasks] == [("med/dose", 1.0)] and fixed.decision.router == "fixed"
     base = client.generate(record.input, task=record.key, base_only=True, max_new_tokens=4)
     assert base.finish_reason in {"eos", "length", "stop"}
+
+
+def test_selector_deployment_routes_over_grpc(served):
+    """`router="selector"` reaches the Selector deployment: a valid top-K over the catalog, mostly right."""
+    client, catalog, test = served
+    replies = [client.route(r.input, router="selector", top_k=2) for r in test]
+    assert {d.decision.router for d in replies} == {"selector"}
+    assert all(len(d.decision.tasks) == 2 and abs(sum(t.weight for t in d.decision.tasks) - 1) < 1e-5
+               and {t.task for t in d.decision.tasks} <= set(KEYS) for d in replies)
+    assert sum(d.decision.tasks[0].task == r.key for d, r in zip(replies, test)) >= 0.8 * len(test)
+    answer = client.generate(test[0].input, router="selector", max_new_tokens=4)
+    assert answer.decision.router == "selector" and answer.decision.catalog_version == catalog.version
 
 
 def test_concurrent_mixed_requests_batch_and_agree_with_single_requests(served):
@@ -129,11 +145,17 @@ def test_catalog_switch_in_place_keeps_replicas_and_in_flight_requests(app, tiny
         with pytest.raises(grpc.RpcError) as err:
             app.client.generate(text, task="med/dose")
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        # v2 has no selector: the live Selector keeps v1's labels, so the Router stops offering it.
+        assert "selector" not in app.client.health().routers
+        with pytest.raises(grpc.RpcError) as err:
+            app.client.route(text, router="selector")
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown router 'selector'" in err.value.details()
         with pytest.raises(ValueError, match="another base model"):
             launch.switch_catalog(config, build_catalog(_pick("val"), app.work / "routing-only").root)
     finally:
         launch.switch_catalog(app.config, app.catalog.root)
     assert generator.info.remote().result()["pid"] == before["pid"]
+    assert app.client.route(text, router="selector").decision.catalog_version == app.catalog.version
 
 
 def test_a_trained_router_is_served_after_a_switch_and_auto_picks_it(app):
