@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from transformers import Cache
 
 from .base_models import load_causal_lm, locate_base_model
 
@@ -56,7 +57,7 @@ class SelectorModel:
         return scores
 
     def _score_labels(self, labels: list[int], depth: int, next_logp: torch.Tensor, prefix_logp: torch.Tensor,
-                      cache, mask: torch.Tensor, next_pos: torch.Tensor, scores: torch.Tensor) -> None:
+                      cache: Cache, mask: torch.Tensor, next_pos: torch.Tensor, scores: torch.Tensor) -> None:
         """Score `labels`, which share their first `depth` tokens (already in `cache`), into `scores`.
 
         A walk over the labels' radix tree: each run of tokens that several labels share ("domain: fin,
@@ -77,8 +78,8 @@ class SelectorModel:
             total = prefix_logp + next_logp[:, run[0]]
             if feed:
                 tokens = torch.tensor(feed).expand(len(mask), -1)       # (B, f)
-                mask = torch.cat([mask, torch.ones_like(tokens)], -1)
-                step = self.model(input_ids=tokens, attention_mask=mask, past_key_values=cache, use_cache=True,
+                grown = torch.cat([mask, torch.ones_like(tokens)], -1)
+                step = self.model(input_ids=tokens, attention_mask=grown, past_key_values=cache, use_cache=True,
                                   position_ids=next_pos + torch.arange(len(feed)))
                 logp = torch.log_softmax(step.logits.float(), -1)        # (B, f, V)
                 targets = torch.tensor(run[1:], dtype=torch.long).expand(len(mask), -1)  # (B, len(run) - 1)
@@ -86,9 +87,8 @@ class SelectorModel:
                 child = logp[:, -1].clone() if rest else None            # (B, V); the rest of logp is freed
                 del step, logp
                 if rest:
-                    self._score_labels(rest, end, child, total, cache, mask, next_pos + len(feed), scores)
-                cache.crop(-len(feed))
-                mask = mask[:, :-len(feed)]
+                    self._score_labels(rest, end, child, total, cache, grown, next_pos + len(feed), scores)
+                cache.crop(-len(feed))                                   # back to this node for the next sibling
             for j, x in zip(group, ids):
                 if len(x) == end:
                     scores[:, j] = total
