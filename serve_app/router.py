@@ -35,18 +35,16 @@ class RouterDeployment:
             self._use(catalog)
 
     def _use(self, catalog: Catalog) -> None:
-        # One assignment: a request sees one version. The selector runs on its own deployment.
-        self.catalog, self.routers = catalog, make_routers(catalog, [n for n in ROUTERS if n != "selector"])
-
-    def _names(self) -> list[str]:
-        """Routers this replica serves: the catalog's, plus the selector while the catalog carries one and
-        the app deploys it (a switch to a version without a selector leaves the Selector on its old labels)."""
-        selector = self.selector is not None and "selector" in self.catalog.routers
-        return sorted([*self.routers, *(["selector"] if selector else [])])
+        """Serve `catalog`: its routers, plus the selector (on its own deployment) while the catalog carries
+        one and the app deploys it; a switch to a version without one leaves the Selector on its old labels."""
+        routers = make_routers(catalog, [n for n in ROUTERS if n != "selector"])
+        selector = self.selector is not None and "selector" in catalog.routers
+        names = sorted([*routers, *(["selector"] if selector else [])])
+        self.catalog, self.routers, self.names = catalog, routers, names   # one assignment: one version per request
 
     async def route(self, request: RouteRequest, router: str) -> RouteDecision:
-        if router not in self._names():
-            raise UnknownRouterError(f"unknown router {router!r}; this catalog serves {self._names()}")
+        if router not in self.names:
+            raise UnknownRouterError(f"unknown router {router!r}; this catalog serves {self.names}")
         if router == "selector":
             return await self.selector.route.remote(request)
         chosen = self.routers[router]
@@ -57,5 +55,5 @@ class RouterDeployment:
 
     def info(self) -> dict:
         c = self.catalog
-        return {"version": c.version, "base_model": (c.base_model or {}).get("id", ""), "routers": self._names(),
+        return {"version": c.version, "base_model": (c.base_model or {}).get("id", ""), "routers": self.names,
                 "tasks": [{"key": k, **t.__dict__} for k, t in c.tasks.items()]}

@@ -24,10 +24,11 @@ class EnsembleRouter(ProbabilisticRouter):
         """`members`: the catalog's classifier and lexical routers when the caller has them loaded already."""
         self.members = members or (ClassifierRouter(catalog), LexicalRouter(catalog))
         super().__init__(catalog, catalog.keys)
+        # Each member's columns in this router's label order, found once rather than per batch.
+        self._orders = [[member.labels.index(k) for k in self.labels] for member in self.members]
 
     def logits(self, texts: list[str]) -> np.ndarray:
         total = np.zeros((len(texts), len(self.labels)))
-        for member in self.members:
-            order = [member.labels.index(k) for k in self.labels]
+        for member, order in zip(self.members, self._orders):
             total += log_softmax(member.logits(texts))[:, order]
         return total

@@ -36,13 +36,18 @@ def read_artefact(path: Path, keys: list[str], kind: str) -> tuple[list[str], di
         settings = json.loads((path / SETTINGS_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CatalogError(f"{kind} {path}: unreadable artefact ({e})") from None
+    check_labels(labels, keys, kind, path)
+    return labels, settings
+
+
+def check_labels(labels: object, keys: list[str], kind: str, path: Path) -> None:
+    """CatalogError unless a trained artefact's `labels` are exactly the catalog's task set, in any order."""
     if not isinstance(labels, list) or len(set(labels)) != len(labels) or set(labels) != set(keys):
         extra = sorted(set(labels) - set(keys)) if isinstance(labels, list) else labels
         missing = sorted(set(keys) - set(labels)) if isinstance(labels, list) else keys
         raise CatalogError(f"{kind} {path} was trained for other tasks than this catalog's: "
                            f"labels not in the catalog {extra}, catalog tasks it cannot predict {missing}; "
                            f"retrain it on this catalog")
-    return labels, settings
 
 
 def write_artefact(out: Path, labels: list[str], settings: dict) -> None:

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..catalog import Catalog, CatalogError
+from ..catalog import Catalog
 from ..selector_model import SelectorModel
-from .probabilistic import ProbabilisticRouter
+from .probabilistic import ProbabilisticRouter, check_labels
 
 
 class SelectorRouter(ProbabilisticRouter):
@@ -19,9 +19,9 @@ class SelectorRouter(ProbabilisticRouter):
     artefacts = ("selector",)
 
     def __init__(self, catalog: Catalog, model: SelectorModel | None = None):
-        model = model or SelectorModel(catalog.router_path(self.name))
-        if sorted(model.labels) != sorted(catalog.keys):
-            raise CatalogError(f"selector was trained on tasks {model.labels}, the catalog has {catalog.keys}")
+        path = catalog.router_path(self.name)   # CatalogError when the catalog has none
+        model = model or SelectorModel(path)
+        check_labels(model.labels, catalog.keys, self.name, path)
         super().__init__(catalog, model.labels)
         self.model = model
 
