@@ -65,6 +65,31 @@ def test_as_config_and_directory_tree(tmp_path):
     assert [r.key for r in load_records(tree)] == ["med/qa"]
 
 
+def test_as_config_json_list_takes_the_config_keys(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([{"input": "x", "output": "y"}]))
+    (tmp_path / "config.json").write_text(json.dumps({"legal": {"cases": "a.json"}}))
+    assert [r.key for r in load_records(tmp_path / "config.json")] == ["legal/cases"]
+
+
+def test_as_config_pointing_at_a_directory_or_a_config(tmp_path):
+    (tmp_path / "dir.jsonl").mkdir()
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"legal": {"cases": "dir.jsonl", "self": "config.json"}}))
+    with pytest.raises(RecordError) as err:
+        load_records(config)
+    assert "legal.cases: is a directory" in str(err.value) and "not another config" in str(err.value)
+
+
+def test_bytes_that_are_not_utf8_are_reported_with_their_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(f"{json.dumps(GOOD)}\n".encode() + b'{"input": "caf\xe9", "output": "y"}\n')   # Latin-1
+    with pytest.raises(RecordError, match=r"latin1\.jsonl:2: not UTF-8 text"):
+        load_records(path)
+    (tmp_path / "latin1.json").write_bytes(b'[{"input": "caf\xe9"}]')
+    with pytest.raises(RecordError, match=r"latin1\.json: not UTF-8 text"):
+        load_records(tmp_path / "latin1.json")
+
+
 def test_as_config_missing_file_and_unknown_format(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"legal": {"cases": "nope.jsonl"}}))

@@ -91,12 +91,17 @@ def _check(obj: object, file: str, line: int | None, defaults: dict[str, str]) -
 
 def _read_jsonl(path: Path, defaults: dict[str, str]) -> tuple[list[Record], list[Problem]]:
     records, problems = [], []
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as f:   # decoded line by line, so a bad byte is reported with its line
         for n, raw in enumerate(f, start=1):
-            if not raw.strip():
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                problems.append(Problem(str(path), n, None, f"not UTF-8 text (byte {e.start + 1} of the line)"))
+                continue
+            if not line.strip():
                 continue
             try:
-                obj = json.loads(raw)
+                obj = json.loads(line)
             except json.JSONDecodeError as e:
                 problems.append(Problem(str(path), n, None, f"malformed JSON: {e.msg} (column {e.colno})"))
                 continue
@@ -107,20 +112,26 @@ def _read_jsonl(path: Path, defaults: dict[str, str]) -> tuple[list[Record], lis
     return records, problems
 
 
-def _read_json(path: Path) -> tuple[list[Record], list[Problem]]:
+def _read_json(path: Path, defaults: dict[str, str]) -> tuple[list[Record], list[Problem]]:
+    """A list of records, or (at the top level only, `defaults` empty) an Adapters-Selector config."""
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        return [], [Problem(str(path), None, None, f"not UTF-8 text (byte {e.start + 1})")]
     except json.JSONDecodeError as e:
         return [], [Problem(str(path), e.lineno, None, f"malformed JSON: {e.msg} (column {e.colno})")]
     if isinstance(obj, list):
         records, problems = [], []
         for i, item in enumerate(obj):
-            record, bad = _check(item, f"{path}[{i}]", None, {})
+            record, bad = _check(item, f"{path}[{i}]", None, defaults)
             problems += bad
             if record:
                 records.append(record)
         return records, problems
     if isinstance(obj, dict) and obj and all(isinstance(v, dict) for v in obj.values()):
+        if defaults:
+            return [], [Problem(str(path), None, None, "a file named by a {domain: {task: path}} config must hold "
+                                                       "records, not another config")]
         return _read_as_config(path, obj)
     return [], [Problem(str(path), None, None, "unknown format: expected a list of records or {domain: {task: path}}")]
 
@@ -134,8 +145,9 @@ def _read_as_config(path: Path, config: dict[str, dict]) -> tuple[list[Record], 
                 problems.append(Problem(str(path), None, f"{domain}.{task}", "expected a path string"))
                 continue
             target = (path.parent / rel).resolve()
-            if not target.exists():
-                problems.append(Problem(str(path), None, f"{domain}.{task}", f"no such file: {target}"))
+            if not target.is_file():
+                why = "is a directory, not a data file" if target.is_dir() else "no such file"
+                problems.append(Problem(str(path), None, f"{domain}.{task}", f"{why}: {target}"))
                 continue
             got, bad = _load_file(target, {"domain": domain, "task": task})
             records += got
@@ -157,13 +169,11 @@ def _read_tree(root: Path) -> tuple[list[Record], list[Problem]]:
 
 
 def _load_file(path: Path, defaults: dict[str, str]) -> tuple[list[Record], list[Problem]]:
+    """One file; `defaults` (domain, task) come from an Adapters-Selector config, a record's own fields win."""
     if path.suffix == ".jsonl":
         return _read_jsonl(path, defaults)
     if path.suffix == ".json":
-        if defaults:  # a data file named by an AS config: a list of records
-            records, problems = _read_json(path)
-            return [Record(r.instruction, r.input, r.output, defaults["domain"], defaults["task"]) for r in records], problems
-        return _read_json(path)
+        return _read_json(path, defaults)
     return [], [Problem(str(path), None, None, f"unknown format {path.suffix!r}: use .jsonl, .json or a directory")]
 
 
