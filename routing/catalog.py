@@ -81,19 +81,24 @@ class Catalog:
         if not manifest_path.is_file():
             raise CatalogError(f"{root} is not a catalog (no {MANIFEST})")
         try:
-            m = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as e:
-            raise CatalogError(f"{manifest_path}: malformed JSON: {e.msg} (line {e.lineno})") from None
+            m = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CatalogError(f"{manifest_path}: malformed JSON: {e}") from None
+        _check_manifest_shape(m, manifest_path)
         if m.get("format") != FORMAT:
             raise CatalogError(f"{manifest_path}: unsupported catalog format {m.get('format')!r} (expected {FORMAT})")
+        index_path = root / _confined(root, m.get("index", INDEX_FILE), "index")
+        try:
+            index = TaskIndex.load(index_path)
+        except (OSError, ValueError, KeyError) as e:
+            raise CatalogError(f"{index_path}: not a readable task index ({type(e).__name__})") from None
         try:
             tasks = {k: TaskEntry(**v) for k, v in m["tasks"].items()}
-            index = TaskIndex.load(root / _confined(root, m.get("index", INDEX_FILE), "index"))
             catalog = cls(root, m["version"], m.get("base_model"), m["encoder"], tasks, index,
                           m.get("routers", {}), m.get("parent"))
-        except (KeyError, TypeError) as e:
+            catalog._validate(verify)
+        except (KeyError, TypeError, AttributeError) as e:   # a field of the wrong kind deeper down
             raise CatalogError(f"{manifest_path}: bad manifest: {e}") from None
-        catalog._validate(verify)
         return catalog
 
     def _validate(self, verify: bool) -> None:
@@ -132,6 +137,26 @@ class Catalog:
         if trained_on != expected:
             raise CatalogError(f"task {key}: adapter {rel} was trained on base model {trained_on!r}, "
                                f"but this catalog serves {expected!r}")
+
+
+# Top-level manifest fields and the JSON types they must have (absent optional ones are fine).
+_MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
+    "version": (str,), "encoder": (dict,), "tasks": (dict,), "index": (str,), "routers": (dict,),
+    "base_model": (dict, type(None)), "parent": (str, type(None))}
+
+
+def _check_manifest_shape(m: object, path: Path) -> None:
+    """Name the field when a hand-edited manifest has the wrong JSON type somewhere."""
+    if not isinstance(m, dict):
+        raise CatalogError(f"{path}: expected a JSON object, got {type(m).__name__}")
+    for name, types in _MANIFEST_TYPES.items():
+        if name in m and not isinstance(m[name], types):
+            raise CatalogError(f"{path}: {name}: expected {' or '.join(t.__name__ for t in types)}, "
+                               f"got {type(m[name]).__name__}")
+    for name, types in (("tasks", dict), ("routers", str)):
+        for key, value in m.get(name, {}).items():
+            if not isinstance(value, types):
+                raise CatalogError(f"{path}: {name}.{key}: expected {types.__name__}, got {type(value).__name__}")
 
 
 def _confined(root: Path, rel: str, what: str) -> str:

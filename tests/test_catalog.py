@@ -127,6 +127,30 @@ def test_refuses_index_task_mismatch_and_bad_manifest(tmp_path, parts):
         Catalog.load(tmp_path)
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["tasks"].update({"fin/a": 1}), r"tasks\.fin/a: expected dict, got int"),
+    (lambda m: m.update(routers=["x"]), "routers: expected dict, got list"),
+    (lambda m: m.update(routers={"lexical": 3}), r"routers\.lexical: expected str"),
+    (lambda m: m["tasks"]["fin/a"].update(template=7), "bad manifest"),
+    (lambda m: m.update(index="."), "not a readable task index"),
+])
+def test_hand_edited_manifest_names_the_field(tmp_path, parts, edit, message):
+    cat = _write(tmp_path, parts)
+    _edit_manifest(cat.root, edit)
+    with pytest.raises(CatalogError, match=message):
+        Catalog.load(cat.root, verify=False)
+
+
+def test_unreadable_manifest_or_index(tmp_path, parts):
+    cat = _write(tmp_path, parts)
+    (cat.root / "index.npz").write_bytes(b"not an npz")
+    with pytest.raises(CatalogError, match=r"index\.npz: not a readable task index"):
+        Catalog.load(cat.root, verify=False)
+    (cat.root / "catalog.json").write_text("[1]")
+    with pytest.raises(CatalogError, match="expected a JSON object, got list"):
+        Catalog.load(cat.root)
+
+
 def test_derive_adds_a_router_as_a_new_version(tmp_path, parts):
     cat = _write(tmp_path, parts)
     router = tmp_path / "router"
