@@ -18,12 +18,48 @@ from training.accelerator import use_cpu_deepspeed_without_cuda
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError)
+# Bad input (ValueError and its kin: RecordError, CatalogError, pydantic's ValidationError) and files
+# that cannot be read or written where the user pointed (OSError names the path).
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
 
 def emit(result: dict) -> None:
     """The machine-readable result: always the last line on stdout."""
     print(json.dumps(result, ensure_ascii=False, default=str), flush=True)
+
+
+def _new_dir(flag: str, path: str) -> None:
+    """Refuse an output directory that cannot become a new catalog, before any work is done."""
+    p = Path(path)
+    if p.exists() and (not p.is_dir() or any(p.iterdir())):
+        raise ValueError(f"{flag} {path}: already exists and is not an empty directory; a catalog is a new directory")
+
+
+def _new_file(flag: str, path: str, suffix: str | None = None) -> None:
+    """Refuse an output file path that is a directory, sits under a file, or has the wrong suffix."""
+    p = Path(path)
+    if suffix and p.suffix != suffix:
+        raise ValueError(f"{flag} {path}: expected a {suffix} file name")
+    if p.is_dir():
+        raise ValueError(f"{flag} {path}: is a directory; give a file name")
+    if any(parent.exists() and not parent.is_dir() for parent in p.parents):
+        raise ValueError(f"{flag} {path}: a parent of it is a file, not a directory")
+
+
+def _positive(value: str) -> int:
+    """argparse type: an integer >= 1."""
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _seed(value: str) -> int:
+    """argparse type: a seed every library here accepts (FAISS takes a 32-bit int)."""
+    n = int(value)
+    if not 0 <= n < 2**31:
+        raise argparse.ArgumentTypeError(f"must be in 0..{2**31 - 1}, got {n}")
+    return n
 
 
 def _base_model(spec: str) -> tuple[str, Path]:
@@ -67,6 +103,7 @@ def cmd_catalog_build(a: argparse.Namespace) -> dict:
     from training.catalog_build import build_catalog
     from training.records import load_records
 
+    _new_dir("--out", a.out)
     records = load_records(a.tasks)
     base = _base_model(a.base_model) if a.adapters else None
     catalog = build_catalog(records, a.out, adapters=a.adapters, base_model=base, text_mode=a.text, per_task=a.per_task)
@@ -94,6 +131,8 @@ def cmd_eval_routing(a: argparse.Namespace) -> dict:
     from routing.routers import make_router
     from training.records import load_records
 
+    if a.plot:
+        _new_file("--plot", a.plot, ".png")
     catalog = Catalog.load(a.catalog)
     records = load_records(a.data)
     unknown = sorted({r.key for r in records} - set(catalog.tasks))
@@ -114,14 +153,18 @@ def cmd_eval_routing(a: argparse.Namespace) -> dict:
 def cmd_serve(a: argparse.Namespace) -> dict:
     import time
 
+    from routing.catalog import Catalog
+
     from . import launch
 
+    Catalog.load(a.catalog)   # refuse a bad catalog here, not inside the replicas after Ray has started
     args = {"catalog": str(Path(a.catalog).resolve())}
     if a.base_model:
         args["base_model"] = str(Path(a.base_model).resolve())
     config = launch.load_config(a.config or launch.DEFAULT_CONFIG, args, grpc_port=a.grpc_port, http_port=a.http_port)
     launch.start(config)
-    print(f"serving catalog {a.catalog} on gRPC port {config['grpc_options']['port']}; Ctrl-C stops", file=sys.stderr)
+    port = config.get("grpc_options", {}).get("port", 9000)   # Serve's default
+    print(f"serving catalog {a.catalog} on gRPC port {port}; Ctrl-C stops", file=sys.stderr)
     try:
         while True:
             time.sleep(3600)
@@ -134,6 +177,7 @@ def cmd_data_select(a: argparse.Namespace) -> dict:
     from training.records import load_records, write_jsonl
     from training.selection import select_representatives
 
+    _new_file("--out", a.out)
     base = _base_model(a.base_model)[1] if a.embed == "base-embeddings" else None
     selected, report = select_representatives(load_records(a.tasks), a.per_task, how=a.embed, metric=a.metric,
                                               text_mode=a.text, seed=a.seed, base_model_path=base)
@@ -145,6 +189,7 @@ def cmd_train_router(a: argparse.Namespace) -> dict:
     from routing.catalog import Catalog
     from training.records import load_records
 
+    _new_dir("--out", a.out)
     catalog, records = Catalog.load(a.catalog), load_records(a.tasks)
     if a.kind in ("classifier", "lexical"):
         from training import router_training
@@ -164,6 +209,7 @@ def cmd_selector_update(a: argparse.Namespace) -> dict:
     from training.records import load_records
     from training.selector import update_selector
 
+    _new_dir("--out", a.out)
     catalog = Catalog.load(a.catalog)
     new_records = load_records(a.tasks) if a.tasks else []
     new = update_selector(catalog, a.op, a.out, _base_model(a.base_model)[1], ratio=a.ratio, new_records=new_records,
@@ -176,6 +222,9 @@ def cmd_pair(a: argparse.Namespace) -> dict:
     from training.pairing import pair_catalog
     from training.records import load_records
 
+    _new_dir("--out", a.out)
+    if not Path(a.pool).is_dir():
+        raise ValueError(f"--pool {a.pool}: not a directory of adapters")
     return pair_catalog(Catalog.load(a.catalog), a.pool, load_records(a.data), a.out)[1]
 
 
@@ -219,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="the new catalog directory")
     c.add_argument("--base-model", **base)
     c.add_argument("--text", default="input", **text)
-    c.add_argument("--per-task", type=int, default=100, help="selector: K-means representatives per task")
+    c.add_argument("--per-task", type=_positive, default=100, help="selector: K-means representatives per task")
 
     c = command("sweep", cmd_sweep, "Ray Tune sweep over LoRA variants; best trial per task -> new catalog version")
     c.add_argument("--config", required=True, help="a sweep config, YAML or JSON (examples/sweep-smoke.yaml)")
@@ -227,12 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="prepare training data").add_subparsers(dest="what", required=True)
     c = command("select", cmd_data_select, "K-means representative samples per task (AS data construction)", data)
     c.add_argument("--tasks", required=True)
-    c.add_argument("--per-task", type=int, required=True)
+    c.add_argument("--per-task", type=_positive, required=True)
     c.add_argument("--embed", default="encoder", choices=["encoder", "base-embeddings"])
     c.add_argument("--metric", default="cos", choices=["l2", "ip", "cos"])
     c.add_argument("--base-model", **base)
     c.add_argument("--text", default="input", **text)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=_seed, default=0)
     c.add_argument("--out", required=True)
 
     sel = sub.add_parser("selector", help="update a trained selector").add_subparsers(dest="what", required=True)
@@ -245,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True)
     c.add_argument("--base-model", **base)
     c.add_argument("--text", default="input", **text)
-    c.add_argument("--per-task", type=int, default=100)
+    c.add_argument("--per-task", type=_positive, default=100)
 
     c = command("pair", cmd_pair, "Successive Halving: each task's best adapter from a pool -> new catalog version")
     c.add_argument("--catalog", required=True)
@@ -260,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--adapters", help="directory of adapters, <domain>/<task>/ each")
     c.add_argument("--base-model", **base)
     c.add_argument("--text", default="input", **text)
-    c.add_argument("--per-task", type=int, help="samples per task for its centroid (default: all)")
+    c.add_argument("--per-task", type=_positive, help="samples per task for its centroid (default: all)")
     c = command("show", cmd_catalog_show, "validate a catalog and print its manifest", cat)
     c.add_argument("catalog")
 

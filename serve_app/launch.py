@@ -20,14 +20,20 @@ DEFAULT_CONFIG = Path(__file__).with_name("serve_config.yaml")
 def load_config(path: str | Path = DEFAULT_CONFIG, args: dict[str, Any] | None = None,
                 grpc_port: int | None = None, http_port: int | None = None) -> dict:
     """The YAML as a dict, with app args and ports overridden (e.g. the catalog path, free test ports)."""
-    config = yaml.safe_load(Path(path).read_text())
-    config = copy.deepcopy(config)
-    app = config["applications"][0]
+    try:
+        config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable Serve config: {e}") from None
+    apps = config.get("applications") if isinstance(config, dict) else None
+    if not (isinstance(apps, list) and apps and isinstance(apps[0], dict)):
+        raise ValueError(f"{path}: a Serve config needs `applications:`, a list with the app first "
+                         f"(see serve_app/serve_config.yaml)")
+    app = apps[0]
     app["args"] = {**app.get("args", {}), **(args or {})}
     if grpc_port is not None:
-        config["grpc_options"]["port"] = grpc_port
+        config.setdefault("grpc_options", {})["port"] = grpc_port
     if http_port is not None:
-        config["http_options"]["port"] = http_port
+        config.setdefault("http_options", {})["port"] = http_port
     return config
 
 

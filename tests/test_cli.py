@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from serve_app.launch import load_config
 from training.demo_corpus import write_demo_corpus
 
 SWITCHBOARD = [str(Path(sys.executable).with_name("switchboard"))]
@@ -71,3 +74,37 @@ def test_training_configs_are_validated_before_any_work(tmp_path):
     res = run("train", "adapter", "--tasks", str(run_cfg))
     assert res.returncode == 2 and "give --config FILE, or --tasks and --out" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["data", "select", "--tasks", "{data}", "--per-task", "2", "--out", "{dir}"], "--out {dir}: is a directory"),
+    (["data", "select", "--tasks", "{data}", "--per-task", "2", "--seed", "99999999999", "--out", "{tmp}/s.jsonl"],
+     "--seed: must be in 0..2147483647"),
+    (["catalog", "build", "--tasks", "{data}", "--out", "{data}"], "already exists and is not an empty directory"),
+    (["catalog", "build", "--tasks", "{data}", "--per-task", "0", "--out", "{tmp}/c"], "--per-task: must be at least 1"),
+    (["eval", "routing", "--catalog", "{dir}", "--data", "{data}", "--plot", "{tmp}/confusion.txt"],
+     "expected a .png file name"),
+    (["pair", "--catalog", "{dir}", "--pool", "{data}", "--data", "{data}", "--out", "{tmp}/p"],
+     "--pool {data}: not a directory of adapters"),
+    (["serve", "--catalog", "{dir}"], "is not a catalog"),
+    (["train", "adapter", "--config", "{tmp}/deepspeed.yaml"], "deepspeed: expected a DeepSpeed config object"),
+    (["train", "adapter", "--config", "{tmp}/inf.yaml"], "train.epochs"),
+])
+def test_bad_paths_and_values_are_refused_before_any_work(tmp_path, args, message):
+    """Each of these used to end in a traceback, or only after the expensive part of the command."""
+    paths = {"tmp": tmp_path, "data": tmp_path / "d.jsonl", "dir": tmp_path / "full"}
+    paths["data"].write_text('{"input": "x", "output": "y", "domain": "fin", "task": "a"}\n')
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    (tmp_path / "deepspeed.yaml").write_text("tasks: demo\noutput: out\ndeepspeed: {zero_optimization: 3}\n")
+    (tmp_path / "inf.yaml").write_text("tasks: demo\noutput: out\ntrain: {max_steps: null, epochs: .inf}\n")
+    res = run(*(a.format(**paths) for a in args))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert message.format(**paths) in res.stderr, res.stderr
+
+
+def test_serve_config_must_be_a_serve_config(tmp_path):
+    for text, message in [("- 1\n", "needs `applications:`"), ("applications: [\n", "not a readable Serve config")]:
+        (tmp_path / "serve.yaml").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_config(tmp_path / "serve.yaml")

@@ -38,7 +38,7 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _abspath(v: str | None) -> str | None:
@@ -110,6 +110,9 @@ class _Placement(_Strict):
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: malformed JSON: {e.msg} (line {e.lineno})") from None
         if v is not None:
+            if not isinstance(v, dict) or not isinstance(v.get("zero_optimization") or {}, dict):
+                raise ValueError("expected a DeepSpeed config object, with zero_optimization an object "
+                                 "(examples/deepspeed-zero2.json)")
             stage = (v.get("zero_optimization") or {}).get("stage", 0)
             if stage not in (0, 1, 2):
                 raise ValueError(f"zero_optimization.stage {stage!r} is not supported here; use 1 or 2 "
@@ -272,7 +275,10 @@ def _read(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: no such file")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p.name}: not UTF-8 text (byte {e.start + 1})") from None
     try:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
