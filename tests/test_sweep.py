@@ -12,7 +12,7 @@ import yaml
 
 from routing.catalog import Catalog
 from training.run_config import ConfigError, load_sweep_config, sweep_config
-from training.sweep import RESUMED, grid, pick_best, run_sweep
+from training.sweep import RESUMED, grid, pick_best, run_sweep, sweep_data
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = "fin/ticker"
@@ -115,3 +115,11 @@ def test_bad_sweep_config_names_the_key(tmp_path, bad, message):
     with pytest.raises(ConfigError) as e:
         load_sweep_config(path)
     assert message in str(e.value)
+
+
+def test_a_task_too_small_to_split_is_refused_not_dropped(tmp_path):
+    rows = [{"input": f"q{i}", "output": "a", "domain": "fin", "task": "big"} for i in range(10)]
+    rows.append({"input": "only one", "output": "a", "domain": "fin", "task": "solo"})
+    (tmp_path / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"tasks \['fin/solo'\]: too few records"):
+        sweep_data(sweep_config(tasks=str(tmp_path / "tasks.jsonl")))

@@ -86,14 +86,20 @@ def update_selector(catalog: Catalog, op: UpdateOp, out: str | Path, base_model_
     new_keys = {r.key for r in new_records}
     keys = set(catalog.keys)
     if op == "add":
-        if not new_records or new_keys & keys:
+        if not new_records:
+            raise ValueError("add needs records of the new tasks (--tasks)")
+        if new_keys & keys:
             raise ValueError(f"add needs records of new tasks; already in the catalog: {sorted(new_keys & keys)}")
         keys |= new_keys
     elif op == "balance":
-        if not new_records or new_keys - keys:
+        if not new_records:
+            raise ValueError("balance needs more records of existing tasks (--tasks)")
+        if new_keys - keys:
             raise ValueError(f"balance needs more records of existing tasks; unknown: {sorted(new_keys - keys)}")
     elif op == "delete":
-        if not delete or set(delete) - keys:
+        if not delete:
+            raise ValueError("delete needs the task keys to delete (--delete)")
+        if set(delete) - keys:
             raise ValueError(f"delete needs existing task keys; unknown: {sorted(set(delete) - keys)}")
         keys -= set(delete)
     else:

@@ -49,8 +49,8 @@ def _log(msg: str) -> None:
 
 
 # ---- data and grid ------------------------------------------------------------------------------
-def _data(cfg: SweepConfig) -> tuple[dict[str, list[Record]], dict[str, list[Record]]]:
-    """Train and validation rows per swept task."""
+def sweep_data(cfg: SweepConfig) -> tuple[dict[str, list[Record]], dict[str, list[Record]]]:
+    """Train and validation rows per swept task; a task is never dropped silently."""
     from training.demo_corpus import demo_records
     from training.distributed import load_task_records, select_tasks
     from training.records import load_records
@@ -61,7 +61,11 @@ def _data(cfg: SweepConfig) -> tuple[dict[str, list[Record]], dict[str, list[Rec
     elif cfg.tasks == DEMO:
         val = demo_records("val")
     else:
-        train, val = split_per_task(train, cfg.val_fraction, seed=cfg.train.seed)
+        everything, (train, val) = train, split_per_task(train, cfg.val_fraction, seed=cfg.train.seed)
+        emptied = sorted({r.key for r in everything} - {r.key for r in train})
+        if emptied:
+            raise ValueError(f"tasks {emptied}: too few records to hold validation rows out of; "
+                             f"give them more records or a `val:` file")
     train_groups = select_tasks(train, cfg.task)
     val_groups = group_by_task(val)
     missing = sorted(set(train_groups) - set(val_groups))
@@ -100,7 +104,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
     from training.distributed import ray_session
 
     started = time.monotonic()
-    train_groups, val_groups = _data(cfg)
+    train_groups, val_groups = sweep_data(cfg)
     base = resolve_base_model(cfg.base_model)
     with ray_session(dashboard=cfg.dashboard):
         return _run(cfg, base, train_groups, val_groups, started)
