@@ -223,8 +223,6 @@ def cmd_pair(a: argparse.Namespace) -> dict:
     from training.records import load_records
 
     _new_dir("--out", a.out)
-    if not Path(a.pool).is_dir():
-        raise ValueError(f"--pool {a.pool}: not a directory of adapters")
     return pair_catalog(Catalog.load(a.catalog), a.pool, load_records(a.data), a.out)[1]
 
 

@@ -84,8 +84,6 @@ def test_training_configs_are_validated_before_any_work(tmp_path):
     (["catalog", "build", "--tasks", "{data}", "--per-task", "0", "--out", "{tmp}/c"], "--per-task: must be at least 1"),
     (["eval", "routing", "--catalog", "{dir}", "--data", "{data}", "--plot", "{tmp}/confusion.txt"],
      "expected a .png file name"),
-    (["pair", "--catalog", "{dir}", "--pool", "{data}", "--data", "{data}", "--out", "{tmp}/p"],
-     "--pool {data}: not a directory of adapters"),
     (["serve", "--catalog", "{dir}"], "is not a catalog"),
     (["train", "adapter", "--config", "{tmp}/deepspeed.yaml"], "deepspeed: expected a DeepSpeed config object"),
     (["train", "adapter", "--config", "{tmp}/inf.yaml"], "train.epochs"),

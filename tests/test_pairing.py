@@ -2,12 +2,13 @@
 
 import pytest
 
+from routing.catalog import CatalogError
 from routing.pairing import HalvingConfig, successive_halving
 from routing.pseudo_tasks import pseudo_task_index
 from training.adapter import TrainSpec, train_adapters
 from training.catalog_build import build_catalog
 from training.demo_corpus import demo_records
-from training.pairing import pair_catalog
+from training.pairing import adapter_pool, pair_catalog
 
 
 def test_halving_schedule_and_budget():
@@ -53,3 +54,11 @@ def test_pair_picks_each_tasks_own_adapter_over_weak_and_mismatched(tmp_path, ti
     for key in keys:
         assert report["tasks"][key]["winner"] == key.replace("/", "-"), report["tasks"][key]
         assert report["tasks"][key]["evaluations"] < report["tasks"][key]["uniform_evaluations"]
+
+
+def test_pool_must_be_a_directory_of_adapters(tmp_path):
+    (tmp_path / "file.jsonl").write_text("")
+    with pytest.raises(CatalogError, match="not a directory of adapters"):
+        adapter_pool(tmp_path / "file.jsonl")
+    with pytest.raises(CatalogError, match="no adapters"):
+        adapter_pool(tmp_path)

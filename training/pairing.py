@@ -28,6 +28,8 @@ MAX_NEW_TOKENS = 24
 
 def adapter_pool(pool: str | Path) -> dict[str, Path]:
     """Every adapter directory directly under `pool` (any name), by directory name."""
+    if not Path(pool).is_dir():
+        raise CatalogError(f"{pool}: not a directory of adapters")
     found = {p.name: p for p in sorted(Path(pool).iterdir()) if (p / "adapter_config.json").is_file()}
     if not found:
         raise CatalogError(f"{pool}: no adapters (directories with adapter_config.json)")
