@@ -188,6 +188,16 @@ def content_version(root: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def check_new_catalog_dir(out: str | Path) -> None:
+    """`out` can become a new catalog: absent or an empty directory (catalogs are never edited).
+
+    Commands call it before their expensive part, so a bad `--out` fails first, not last."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CatalogError(f"{out} already exists and is not an empty directory; catalogs are immutable, "
+                           f"write a new directory")
+
+
 def write_catalog(out: str | Path, *, tasks: dict[str, TaskEntry], index: TaskIndex, encoder: dict[str, str],
                   base_model: dict[str, str] | None = None, adapter_dirs: dict[str, Path] | None = None,
                   router_dirs: dict[str, Path] | None = None, parent: str | None = None,
@@ -200,8 +210,8 @@ def write_catalog(out: str | Path, *, tasks: dict[str, TaskEntry], index: TaskIn
     same content twice returns the existing one.
     """
     out = Path(out)
-    if not versioned and out.exists() and any(out.iterdir()):
-        raise CatalogError(f"{out} already exists and is not empty; catalogs are immutable, write a new directory")
+    if not versioned:
+        check_new_catalog_dir(out)
     staging = out if versioned else out.parent
     staging.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".new-catalog.", dir=staging))

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from routing.catalog import check_new_catalog_dir
 from training.accelerator import use_cpu_deepspeed_without_cuda
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,13 +27,6 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 def emit(result: dict) -> None:
     """The machine-readable result: always the last line on stdout."""
     print(json.dumps(result, ensure_ascii=False, default=str), flush=True)
-
-
-def _new_dir(flag: str, path: str) -> None:
-    """Refuse an output directory that cannot become a new catalog, before any work is done."""
-    p = Path(path)
-    if p.exists() and (not p.is_dir() or any(p.iterdir())):
-        raise ValueError(f"{flag} {path}: already exists and is not an empty directory; a catalog is a new directory")
 
 
 def _new_file(flag: str, path: str, suffix: str | None = None) -> None:
@@ -103,7 +97,7 @@ def cmd_catalog_build(a: argparse.Namespace) -> dict:
     from training.catalog_build import build_catalog
     from training.records import load_records
 
-    _new_dir("--out", a.out)
+    check_new_catalog_dir(a.out)
     records = load_records(a.tasks)
     base = _base_model(a.base_model) if a.adapters else None
     catalog = build_catalog(records, a.out, adapters=a.adapters, base_model=base, text_mode=a.text, per_task=a.per_task)
@@ -189,7 +183,7 @@ def cmd_train_router(a: argparse.Namespace) -> dict:
     from routing.catalog import Catalog
     from training.records import load_records
 
-    _new_dir("--out", a.out)
+    check_new_catalog_dir(a.out)
     catalog, records = Catalog.load(a.catalog), load_records(a.tasks)
     if a.kind in ("classifier", "lexical"):
         from training import router_training
@@ -209,7 +203,7 @@ def cmd_selector_update(a: argparse.Namespace) -> dict:
     from training.records import load_records
     from training.selector import update_selector
 
-    _new_dir("--out", a.out)
+    check_new_catalog_dir(a.out)
     catalog = Catalog.load(a.catalog)
     new_records = load_records(a.tasks) if a.tasks else []
     new = update_selector(catalog, a.op, a.out, _base_model(a.base_model)[1], ratio=a.ratio, new_records=new_records,
@@ -222,7 +216,7 @@ def cmd_pair(a: argparse.Namespace) -> dict:
     from training.pairing import pair_catalog
     from training.records import load_records
 
-    _new_dir("--out", a.out)
+    check_new_catalog_dir(a.out)
     return pair_catalog(Catalog.load(a.catalog), a.pool, load_records(a.data), a.out)[1]
 
 

@@ -36,7 +36,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from routing.catalog import Catalog, derive_catalog
+from routing.catalog import Catalog, check_new_catalog_dir, derive_catalog
 from routing.encoder import _encoder_path
 from routing.routers.classifier import TaskClassifier, domain_soft_targets, mean_pool, tokenize
 from routing.routers.lexical import LexicalModel
@@ -236,8 +236,7 @@ def _prepare(records: list[Record], keys: list[str], out: str | Path, text_mode:
     """Checks shared by both trainers; (every non-calibration record, calibration records) per task."""
     if text_mode not in (*TEXT_MODES, "both"):
         raise ValueError(f"text_mode must be one of {(*TEXT_MODES, 'both')}, got {text_mode!r}")
-    if Path(out).exists() and any(Path(out).iterdir()):
-        raise ValueError(f"{out} already exists and is not empty; a trained catalog is a new directory")
+    check_new_catalog_dir(out)
     return split_for_training(records, keys, None, seed, calibration_per_task)
 
 
