@@ -8,6 +8,9 @@ import numpy as np
 
 DEFAULT_TOP_K = 1
 DEFAULT_TEMPERATURE = 0.2   # LoRAuter's τ for its K=3 fusion
+# τ outside this range is argmax or uniform in all but name, and near 0 or infinity it is arithmetic
+# trouble (a float32 denormal τ overflows the scaled scores); such requests are refused.
+TEMPERATURE_RANGE = (1e-3, 1e3)
 MAX_TOP_K = 8
 
 
@@ -25,8 +28,9 @@ class RouteRequest:
             raise ValueError("text is empty")
         if not 1 <= self.top_k <= MAX_TOP_K:
             raise ValueError(f"top_k must be in 1..{MAX_TOP_K}, got {self.top_k}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        low, high = TEMPERATURE_RANGE
+        if not low <= self.temperature <= high:   # NaN fails too
+            raise ValueError(f"temperature must be in [{low:g}, {high:g}], got {self.temperature}")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class RouteDecision:
 
 
 def softmax(scores: np.ndarray, temperature: float) -> np.ndarray:
-    z = scores / temperature
-    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    """softmax(scores / τ), shifted before the division so the best score maps to exp(0) whatever τ is."""
+    z = np.asarray(scores, dtype=np.float64)
+    z = np.exp((z - z.max(axis=-1, keepdims=True)) / temperature)
     return z / z.sum(axis=-1, keepdims=True)

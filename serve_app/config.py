@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from routing.catalog import Catalog
-from routing.decision import DEFAULT_TEMPERATURE, MAX_TOP_K
+from routing.decision import DEFAULT_TEMPERATURE, MAX_TOP_K, TEMPERATURE_RANGE
 
 MAX_NEW_TOKENS_LIMIT = 512
 
@@ -25,7 +25,8 @@ class AppArgs(BaseModel):
     default_router: str = Field("auto", description="Router used when a request names none; auto: the best "
                                                     "the catalog carries (ensemble, classifier, lexical, centroid).")
     default_top_k: int = Field(1, ge=1, le=MAX_TOP_K, description="Adapters fused when a request names no top_k.")
-    temperature: float = Field(DEFAULT_TEMPERATURE, gt=0, description="Routing softmax temperature τ by default.")
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1],
+                               description="Routing softmax temperature τ by default.")
     max_new_tokens: int = Field(32, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="Answer length by default.")
     max_batch_size: int = Field(16, ge=1, description="Generator batch: requests fused into one forward pass.")
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a partial batch waits for more requests.")

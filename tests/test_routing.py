@@ -91,8 +91,9 @@ def test_bad_requests_and_unknown_task(catalog):
         RouteRequest("  ")
     with pytest.raises(ValueError, match="top_k"):
         RouteRequest("x", top_k=9)
-    with pytest.raises(ValueError, match="temperature"):
-        RouteRequest("x", temperature=0)
+    for bad in (0, 1e-45, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be in"):
+            RouteRequest("x", temperature=bad)
     with pytest.raises(UnknownTaskError, match="unknown task 'fin/nope'"):
         make_router("fixed", catalog).route([RouteRequest("x", task="fin/nope")])
     with pytest.raises(ValueError, match="unknown router"):
