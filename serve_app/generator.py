@@ -25,6 +25,10 @@ class CatalogChangedError(RuntimeError):
     """The request was routed on a catalog version this replica has switched away from (retryable)."""
 
 
+class PromptTooLongError(ValueError):
+    """The rendered prompt leaves no room in the base model's context for even one new token."""
+
+
 @dataclass(frozen=True)
 class GenerationJob:
     text: str
@@ -96,26 +100,54 @@ class Generator:
                 groups.append(([row], need))
         return [rows for rows, _ in groups]
 
-    def _run(self, jobs: list[GenerationJob]) -> list[Generation | CatalogChangedError]:
-        out: list[Generation | CatalogChangedError | None] = [None] * len(jobs)
+    def _run(self, jobs: list[GenerationJob]) -> list[Generation | Exception]:
+        """One `generate` call per sub-batch; an error stays with the request that caused it."""
+        out: list[Generation | Exception | None] = [None] * len(jobs)
         with self.lock:  # the store, the catalog and the layers' routing state serve one batch at a time
             tasks = self.catalog.tasks
+            prompts: dict[int, str] = {}
             for i, j in enumerate(jobs):
                 if any(k not in tasks for k, _ in j.decision.tasks):
                     out[i] = CatalogChangedError(f"route decision from catalog {j.decision.catalog_version} names "
                                                  f"tasks that catalog {self.catalog.version} no longer has; retry")
+                else:
+                    prompts[i] = render(tasks[j.decision.top].template, j.text)
+                    out[i] = self._too_long(prompts[i])
             live = [i for i, g in enumerate(out) if g is None]
-            prompts = {i: render(tasks[jobs[i].decision.top].template, jobs[i].text) for i in live}
             routes = {i: self._routes(jobs[i]) for i in live}
             for group in self._sub_batches([routes[i] for i in live]):
                 rows = [live[g] for g in group]
-                self.store.ensure(sorted({k for i in rows for k, _ in routes[i]}))
-                done = generate(self.fused, self.tokenizer, [prompts[i] for i in rows], [routes[i] for i in rows],
-                                max_new_tokens=[jobs[i].max_new_tokens for i in rows],
-                                stop=[list(jobs[i].stop) for i in rows])
+                try:
+                    done = self._generate(rows, jobs, prompts, routes)
+                except Exception as e:   # noqa: BLE001 - the error goes to the request at fault alone
+                    if len(rows) == 1:
+                        done = [e]
+                    else:
+                        log.warning("generator: a batch of %d failed (%s); running its rows one by one", len(rows), e)
+                        done = [self._generate_one(i, jobs, prompts, routes) for i in rows]
                 for i, g in zip(rows, done):
                     out[i] = g
         return out
+
+    def _generate_one(self, i: int, jobs: list[GenerationJob], prompts: dict[int, str],
+                      routes: dict[int, list[tuple[str, float]]]) -> Generation | Exception:
+        try:
+            return self._generate([i], jobs, prompts, routes)[0]
+        except Exception as e:   # noqa: BLE001 - returned to that request alone
+            return e
+
+    def _too_long(self, prompt: str) -> PromptTooLongError | None:
+        context = getattr(self.fused.model.config, "max_position_embeddings", None)
+        n = len(self.tokenizer(prompt).input_ids)
+        if context is not None and n >= context:
+            return PromptTooLongError(f"the prompt is {n} tokens; the base model's context is {context}")
+        return None
+
+    def _generate(self, rows: list[int], jobs: list[GenerationJob], prompts: dict[int, str],
+                  routes: dict[int, list[tuple[str, float]]]) -> list[Generation]:
+        self.store.ensure(sorted({k for i in rows for k, _ in routes[i]}))
+        return generate(self.fused, self.tokenizer, [prompts[i] for i in rows], [routes[i] for i in rows],
+                        max_new_tokens=[jobs[i].max_new_tokens for i in rows], stop=[list(jobs[i].stop) for i in rows])
 
     def info(self) -> dict:
         """The catalog version served, the resident adapters (LRU first) and the replica's process."""
@@ -128,7 +160,7 @@ class Generator:
         return out
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def generate_batch(self, jobs: list[GenerationJob]) -> list[Generation | CatalogChangedError]:
+    async def generate_batch(self, jobs: list[GenerationJob]) -> list[Generation | Exception]:
         # Off the event loop, so the replica keeps accepting (and batching) requests meanwhile.
         return await asyncio.to_thread(self._run, jobs)
 

@@ -6,8 +6,10 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
+from routing.decision import RouteDecision
 from serve_app import launch
 from serve_app.client import SwitchboardClient
+from serve_app.generator import GenerationJob, Generator
 from training.adapter import TrainSpec, train_adapters
 from training.catalog_build import build_catalog
 from training.demo_corpus import demo_records
@@ -104,6 +106,8 @@ def test_concurrent_mixed_requests_batch_and_agree_with_single_requests(served):
     (dict(task="fin/nope"), grpc.StatusCode.NOT_FOUND, "unknown task 'fin/nope'"),
     (dict(router="oracle"), grpc.StatusCode.INVALID_ARGUMENT, "unknown router 'oracle'"),
     (dict(router="fixed"), grpc.StatusCode.INVALID_ARGUMENT, "needs route.task"),
+    (dict(top_k=3, temperature=1e-45), grpc.StatusCode.INVALID_ARGUMENT, "temperature must be in"),
+    (dict(text="The patient weighs 7 kg. " * 200), grpc.StatusCode.INVALID_ARGUMENT, "the base model's context is"),
 ])
 def test_bad_requests_get_status_codes_not_tracebacks(served, kwargs, code, message):
     client, _, _ = served
@@ -112,6 +116,37 @@ def test_bad_requests_get_status_codes_not_tracebacks(served, kwargs, code, mess
         client.generate(text, **kwargs)
     assert err.value.code() == code
     assert message in err.value.details() and "Traceback" not in err.value.details()
+
+
+def test_a_bad_request_fails_alone_not_its_batch(served):
+    """A prompt longer than the base model's context, sent among good requests: only it is refused."""
+    client, _, test = served
+
+    def send(text: str):
+        try:
+            return client.generate(text, max_new_tokens=4).new_tokens
+        except grpc.RpcError as e:
+            return e.code()
+
+    texts = [r.input for r in test[:6]]
+    texts.insert(3, " ".join(texts) * 20)
+    with ThreadPoolExecutor(len(texts)) as pool:
+        results = list(pool.map(send, texts))
+    assert results[3] == grpc.StatusCode.INVALID_ARGUMENT
+    assert all(isinstance(n, int) and n >= 1 for i, n in enumerate(results) if i != 3), results
+
+
+def test_generator_returns_an_error_to_its_row_only(app):
+    """Inside one `generate` call (a decision with a non-finite weight cannot come from a router, so it is
+    built here): the Generator retries the rows one by one and the good ones still answer."""
+    generator = Generator.func_or_class({"catalog": str(app.catalog.root), "max_new_tokens": 4})
+    key = KEYS[0]
+    good = RouteDecision(((key, 1.0),), "fixed", app.catalog.version)
+    bad = RouteDecision(((key, float("nan")),), "fixed", app.catalog.version)
+    jobs = [GenerationJob(app.test[0].input, d, 4) for d in (good, bad, good)]
+    out = generator._run(jobs)
+    assert isinstance(out[1], ValueError) and "not finite" in str(out[1])
+    assert [o.text for o in (out[0], out[2])] == [g.text for g in generator._run([jobs[0]] * 2)]
 
 
 def test_catalog_switch_in_place_keeps_replicas_and_in_flight_requests(app, tiny_base):
