@@ -123,3 +123,5 @@ def test_a_task_too_small_to_split_is_refused_not_dropped(tmp_path):
     (tmp_path / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=r"tasks \['fin/solo'\]: too few records"):
         sweep_data(sweep_config(tasks=str(tmp_path / "tasks.jsonl")))
+    train, val = sweep_data(sweep_config(tasks=str(tmp_path / "tasks.jsonl"), task=["fin/big"]))   # not swept
+    assert list(train) == list(val) == ["fin/big"]
