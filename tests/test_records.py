@@ -71,6 +71,14 @@ def test_as_config_json_list_takes_the_config_keys(tmp_path):
     assert [r.key for r in load_records(tmp_path / "config.json")] == ["legal/cases"]
 
 
+def test_a_record_contradicting_its_place_is_reported(tmp_path):
+    _lines(tmp_path / "a.jsonl", [GOOD])   # says fin/greet
+    (tmp_path / "config.json").write_text(json.dumps({"legal": {"cases": "a.jsonl"}}))
+    with pytest.raises(RecordError) as err:
+        load_records(tmp_path / "config.json")
+    assert [(p.line, p.field) for p in err.value.problems] == [(1, "domain"), (1, "task")]
+
+
 def test_as_config_pointing_at_a_directory_or_a_config(tmp_path):
     (tmp_path / "dir.jsonl").mkdir()
     config = tmp_path / "config.json"

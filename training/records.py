@@ -71,7 +71,8 @@ def _check(obj: object, file: str, line: int | None, defaults: dict[str, str]) -
     if not isinstance(obj, dict):
         return None, [Problem(file, line, None, f"expected a JSON object, got {type(obj).__name__}")]
     merged = {**defaults, **obj}
-    problems = []
+    problems = [Problem(file, line, name, f"{obj[name]!r} contradicts {value!r}, which the file's place gives")
+                for name, value in defaults.items() if obj.get(name, value) != value]
     for name in REQUIRED + ("instruction",):
         value = merged.get(name, "" if name == "instruction" else None)
         if value is None:
@@ -169,7 +170,8 @@ def _read_tree(root: Path) -> tuple[list[Record], list[Problem]]:
 
 
 def _load_file(path: Path, defaults: dict[str, str]) -> tuple[list[Record], list[Problem]]:
-    """One file; `defaults` (domain, task) come from an Adapters-Selector config, a record's own fields win."""
+    """One file; `defaults` (domain, task) come from an Adapters-Selector config or a tree's folders, and a
+    record that names another domain or task is a problem, not silently relabelled."""
     if path.suffix == ".jsonl":
         return _read_jsonl(path, defaults)
     if path.suffix == ".json":
