@@ -84,28 +84,32 @@ class Catalog:
             m = json.loads(manifest_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CatalogError(f"{manifest_path}: malformed JSON: {e}") from None
+        if not isinstance(m, dict) or m.get("format") != FORMAT:
+            got = m.get("format") if isinstance(m, dict) else f"a JSON {type(m).__name__}"
+            raise CatalogError(f"{manifest_path}: unsupported catalog format {got!r} (expected {FORMAT})")
         _check_manifest_shape(m, manifest_path)
-        if m.get("format") != FORMAT:
-            raise CatalogError(f"{manifest_path}: unsupported catalog format {m.get('format')!r} (expected {FORMAT})")
         index_path = root / _confined(root, m.get("index", INDEX_FILE), "index")
         try:
             index = TaskIndex.load(index_path)
-        except (OSError, ValueError, KeyError) as e:
-            raise CatalogError(f"{index_path}: not a readable task index ({type(e).__name__})") from None
+        except OSError as e:
+            raise CatalogError(f"{index_path}: not a readable task index ({e.strerror})") from None
+        except (ValueError, KeyError) as e:   # numpy's own text suggests unpickling, which catalogs never do
+            raise CatalogError(f"{index_path}: not a readable task index (an .npz of plain arrays "
+                               f"keys, centroids, embeddings, labels; {type(e).__name__})") from None
         try:
             tasks = {k: TaskEntry(**v) for k, v in m["tasks"].items()}
             catalog = cls(root, m["version"], m.get("base_model"), m["encoder"], tasks, index,
                           m.get("routers", {}), m.get("parent"))
-            catalog._validate(verify)
-        except (KeyError, TypeError, AttributeError) as e:   # a field of the wrong kind deeper down
+        except (KeyError, TypeError) as e:   # a missing field, or one TaskEntry does not have
             raise CatalogError(f"{manifest_path}: bad manifest: {e}") from None
+        catalog._validate(verify)
         return catalog
 
     def _validate(self, verify: bool) -> None:
         for key, entry in self.tasks.items():
             if key != entry.key:
                 raise CatalogError(f"task {key!r} is listed with domain/task {entry.key!r}")
-            if "{text}" not in entry.template:
+            if not isinstance(entry.template, str) or "{text}" not in entry.template:
                 raise CatalogError(f"task {key}: template has no {{text}} placeholder")
             if entry.adapter is not None:
                 self._check_adapter(key, entry.adapter)
@@ -130,6 +134,8 @@ class Catalog:
             config = json.loads((path / "adapter_config.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise CatalogError(f"task {key}: adapter {rel}: unreadable adapter_config.json ({e})") from None
+        if not isinstance(config, dict):
+            raise CatalogError(f"task {key}: adapter {rel}: adapter_config.json is not a JSON object")
         trained_on = config.get("base_model_name_or_path")
         expected = (self.base_model or {}).get("id")
         if expected is None:
@@ -145,10 +151,8 @@ _MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
     "base_model": (dict, type(None)), "parent": (str, type(None))}
 
 
-def _check_manifest_shape(m: object, path: Path) -> None:
+def _check_manifest_shape(m: dict, path: Path) -> None:
     """Name the field when a hand-edited manifest has the wrong JSON type somewhere."""
-    if not isinstance(m, dict):
-        raise CatalogError(f"{path}: expected a JSON object, got {type(m).__name__}")
     for name, types in _MANIFEST_TYPES.items():
         if name in m and not isinstance(m[name], types):
             raise CatalogError(f"{path}: {name}: expected {' or '.join(t.__name__ for t in types)}, "

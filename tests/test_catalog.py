@@ -131,7 +131,8 @@ def test_refuses_index_task_mismatch_and_bad_manifest(tmp_path, parts):
     (lambda m: m["tasks"].update({"fin/a": 1}), r"tasks\.fin/a: expected dict, got int"),
     (lambda m: m.update(routers=["x"]), "routers: expected dict, got list"),
     (lambda m: m.update(routers={"lexical": 3}), r"routers\.lexical: expected str"),
-    (lambda m: m["tasks"]["fin/a"].update(template=7), "bad manifest"),
+    (lambda m: m["tasks"]["fin/a"].update(template=7), "template has no {text} placeholder"),
+    (lambda m: m["tasks"]["fin/a"].update(colour="red"), "bad manifest: .*colour"),
     (lambda m: m.update(index="."), "not a readable task index"),
 ])
 def test_hand_edited_manifest_names_the_field(tmp_path, parts, edit, message):
@@ -147,7 +148,7 @@ def test_unreadable_manifest_or_index(tmp_path, parts):
     with pytest.raises(CatalogError, match=r"index\.npz: not a readable task index"):
         Catalog.load(cat.root, verify=False)
     (cat.root / "catalog.json").write_text("[1]")
-    with pytest.raises(CatalogError, match="expected a JSON object, got list"):
+    with pytest.raises(CatalogError, match="unsupported catalog format 'a JSON list'"):
         Catalog.load(cat.root)
 
 
