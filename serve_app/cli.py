@@ -13,15 +13,16 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from routing.catalog import check_new_catalog_dir
 from training.accelerator import use_cpu_deepspeed_without_cuda
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# Bad input (ValueError and its kin: RecordError, CatalogError, pydantic's ValidationError) and files
-# that cannot be read or written where the user pointed (OSError names the path).
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+# Bad input (ValueError and its kin: RecordError, CatalogError, pydantic's ValidationError) and paths
+# that cannot be read or written where the user pointed (these OSErrors name the path). Other OSErrors
+# (a full disk, a lost connection) are not the user's input and keep their traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError,
+                                                NotADirectoryError, PermissionError)
 
 
 def emit(result: dict) -> None:
@@ -32,7 +33,7 @@ def emit(result: dict) -> None:
 def _new_file(flag: str, path: str, suffix: str | None = None) -> None:
     """Refuse an output file path that is a directory, sits under a file, or has the wrong suffix."""
     p = Path(path)
-    if suffix and p.suffix != suffix:
+    if suffix and p.suffix.lower() != suffix:
         raise ValueError(f"{flag} {path}: expected a {suffix} file name")
     if p.is_dir():
         raise ValueError(f"{flag} {path}: is a directory; give a file name")
@@ -49,10 +50,10 @@ def _positive(value: str) -> int:
 
 
 def _seed(value: str) -> int:
-    """argparse type: a seed every library here accepts (FAISS takes a 32-bit int)."""
+    """argparse type: a seed every library here accepts (FAISS takes a C int)."""
     n = int(value)
-    if not 0 <= n < 2**31:
-        raise argparse.ArgumentTypeError(f"must be in 0..{2**31 - 1}, got {n}")
+    if not -(2**31) <= n < 2**31:
+        raise argparse.ArgumentTypeError(f"must be a 32-bit integer, got {n}")
     return n
 
 
@@ -97,7 +98,6 @@ def cmd_catalog_build(a: argparse.Namespace) -> dict:
     from training.catalog_build import build_catalog
     from training.records import load_records
 
-    check_new_catalog_dir(a.out)
     records = load_records(a.tasks)
     base = _base_model(a.base_model) if a.adapters else None
     catalog = build_catalog(records, a.out, adapters=a.adapters, base_model=base, text_mode=a.text, per_task=a.per_task)
@@ -157,7 +157,7 @@ def cmd_serve(a: argparse.Namespace) -> dict:
         args["base_model"] = str(Path(a.base_model).resolve())
     config = launch.load_config(a.config or launch.DEFAULT_CONFIG, args, grpc_port=a.grpc_port, http_port=a.http_port)
     launch.start(config)
-    port = config.get("grpc_options", {}).get("port", 9000)   # Serve's default
+    port = config["grpc_options"].get("port", 9000)   # Serve's default
     print(f"serving catalog {a.catalog} on gRPC port {port}; Ctrl-C stops", file=sys.stderr)
     try:
         while True:
@@ -183,7 +183,6 @@ def cmd_train_router(a: argparse.Namespace) -> dict:
     from routing.catalog import Catalog
     from training.records import load_records
 
-    check_new_catalog_dir(a.out)
     catalog, records = Catalog.load(a.catalog), load_records(a.tasks)
     if a.kind in ("classifier", "lexical"):
         from training import router_training
@@ -203,7 +202,6 @@ def cmd_selector_update(a: argparse.Namespace) -> dict:
     from training.records import load_records
     from training.selector import update_selector
 
-    check_new_catalog_dir(a.out)
     catalog = Catalog.load(a.catalog)
     new_records = load_records(a.tasks) if a.tasks else []
     new = update_selector(catalog, a.op, a.out, _base_model(a.base_model)[1], ratio=a.ratio, new_records=new_records,
@@ -216,7 +214,6 @@ def cmd_pair(a: argparse.Namespace) -> dict:
     from training.pairing import pair_catalog
     from training.records import load_records
 
-    check_new_catalog_dir(a.out)
     return pair_catalog(Catalog.load(a.catalog), a.pool, load_records(a.data), a.out)[1]
 
 

@@ -25,15 +25,19 @@ def load_config(path: str | Path = DEFAULT_CONFIG, args: dict[str, Any] | None =
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a readable Serve config: {e}") from None
     apps = config.get("applications") if isinstance(config, dict) else None
-    if not (isinstance(apps, list) and apps and isinstance(apps[0], dict)):
-        raise ValueError(f"{path}: a Serve config needs `applications:`, a list with the app first "
-                         f"(see serve_app/serve_config.yaml)")
+    grpc = config.get("grpc_options") if isinstance(config, dict) else None
+    if not (isinstance(apps, list) and apps and isinstance(apps[0], dict)
+            and isinstance(apps[0].get("args") or {}, dict)
+            and isinstance(grpc, dict) and grpc.get("grpc_servicer_functions")):
+        raise ValueError(f"{path}: a Serve config for Switchboard needs `applications:` (a list, our app first, "
+                         f"its `args:` a mapping) and `grpc_options.grpc_servicer_functions`; start from "
+                         f"{DEFAULT_CONFIG}")
     app = apps[0]
-    app["args"] = {**app.get("args", {}), **(args or {})}
+    app["args"] = {**(app.get("args") or {}), **(args or {})}
     if grpc_port is not None:
-        config.setdefault("grpc_options", {})["port"] = grpc_port
+        grpc["port"] = grpc_port
     if http_port is not None:
-        config.setdefault("http_options", {})["port"] = http_port
+        config["http_options"] = {**(config.get("http_options") or {}), "port": http_port}
     return config
 
 

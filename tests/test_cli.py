@@ -79,7 +79,7 @@ def test_training_configs_are_validated_before_any_work(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["data", "select", "--tasks", "{data}", "--per-task", "2", "--out", "{dir}"], "--out {dir}: is a directory"),
     (["data", "select", "--tasks", "{data}", "--per-task", "2", "--seed", "99999999999", "--out", "{tmp}/s.jsonl"],
-     "--seed: must be in 0..2147483647"),
+     "--seed: must be a 32-bit integer"),
     (["catalog", "build", "--tasks", "{data}", "--out", "{data}"], "already exists and is not an empty directory"),
     (["catalog", "build", "--tasks", "{data}", "--per-task", "0", "--out", "{tmp}/c"], "--per-task: must be at least 1"),
     (["eval", "routing", "--catalog", "{dir}", "--data", "{data}", "--plot", "{tmp}/confusion.txt"],
@@ -102,7 +102,8 @@ def test_bad_paths_and_values_are_refused_before_any_work(tmp_path, args, messag
 
 
 def test_serve_config_must_be_a_serve_config(tmp_path):
-    for text, message in [("- 1\n", "needs `applications:`"), ("applications: [\n", "not a readable Serve config")]:
+    for text, message in [("- 1\n", "needs `applications:`"), ("applications: [\n", "not a readable Serve config"),
+                          ("applications: [{name: x}]\n", "grpc_servicer_functions")]:
         (tmp_path / "serve.yaml").write_text(text)
         with pytest.raises(ValueError, match=message):
             load_config(tmp_path / "serve.yaml")

@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 
 from routing.base_models import base_model_id
-from routing.catalog import Catalog, CatalogError, TaskEntry, write_catalog
+from routing.catalog import Catalog, CatalogError, TaskEntry, check_new_catalog_dir, write_catalog
 from routing.encoder import Encoder, shared_encoder
 from routing.task_index import TaskIndex
 from routing.templates import template_for
@@ -52,6 +52,8 @@ def build_catalog(records: list[Record], out: str | Path, *, adapters: str | Pat
     real data. With it, `adapters/<domain>/<task>` must hold a peft adapter for every task, trained
     on `base_model` = (name, directory). `versioned`: see `routing.catalog.write_catalog`.
     """
+    if not versioned:
+        check_new_catalog_dir(out)   # before the encoder runs, not after
     encoder = encoder or shared_encoder()
     groups = group_by_task(records)
     tasks = {key: TaskEntry(rows[0].domain, rows[0].task, template_for((r.instruction for r in rows), text_mode))

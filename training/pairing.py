@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from routing.base_models import load_causal_lm, locate_base_model
-from routing.catalog import Catalog, CatalogError, TaskEntry, derive_catalog
+from routing.catalog import Catalog, CatalogError, TaskEntry, check_new_catalog_dir, derive_catalog
 from routing.lora import FusedLoraModel, generate
 from routing.metrics import score as metric_score
 from routing.pairing import HalvingConfig, HalvingResult, successive_halving
@@ -64,6 +64,7 @@ def pair_task(base_dir: Path, pool: dict[str, Path], records: list[Record], temp
 def pair_catalog(catalog: Catalog, pool_dir: str | Path, records: list[Record], out: str | Path, *,
                  config: HalvingConfig = HalvingConfig(), parallel: bool = True) -> tuple[Catalog, dict]:
     """A new catalog version whose task adapters are each task's Successive-Halving winner."""
+    check_new_catalog_dir(out)
     if catalog.base_model is None:
         raise CatalogError("pairing needs a catalog with a base model")
     base_dir = locate_base_model(catalog.base_model["id"])

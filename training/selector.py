@@ -16,7 +16,7 @@ from typing import Literal
 
 import numpy as np
 
-from routing.catalog import Catalog, CatalogError, TaskEntry, derive_catalog
+from routing.catalog import Catalog, CatalogError, TaskEntry, check_new_catalog_dir, derive_catalog
 from routing.encoder import shared_encoder
 from routing.selector_model import LABELS_FILE, SELECTOR_TEMPLATE, label_text
 from routing.task_index import TaskIndex
@@ -49,6 +49,7 @@ def train_selector(catalog: Catalog, records: list[Record], out: str | Path, bas
                    lora: LoraSpec = LoraSpec(r=8, alpha=16), train: TrainSpec = TrainSpec(max_steps=300),
                    seed: int = 0, progress: bool = True) -> tuple[Catalog, dict]:
     """Select representatives per task, train the selector, return the new catalog and the selection report."""
+    check_new_catalog_dir(out)
     unknown = sorted({r.key for r in records} - set(catalog.tasks))
     if unknown:
         raise CatalogError(f"records name tasks the catalog does not have: {unknown}")
@@ -80,6 +81,7 @@ def update_selector(catalog: Catalog, op: UpdateOp, out: str | Path, base_model_
     balance: `new_records` bring more data for existing, poorly separated tasks;
     delete:  tasks in `delete` leave the catalog, the rest keep `ratio` of their data.
     """
+    check_new_catalog_dir(out)
     if not 0 <= ratio <= 1:
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
     old = load_records(catalog.router_path("selector") / SELECTION_FILE)
