@@ -13,6 +13,7 @@ strict convergence; its iteration count is printed). Runs:
   faiss_sub256      faiss's default sub-sampling, 256 points per centroid (65,536 points), shared init
   faiss_sub128      128 points per centroid (32,768 points), shared init
   faiss_sub64       64 points per centroid (16,384 points), shared init
+  faiss_sub32       32 points per centroid (8,192 points), shared init: faiss_coarse without its last step
   faiss_coarse      coarse to fine: 19 iterations on 32 points per centroid (8,192 points), then the
                     20th on all N points from there (one more faiss.Kmeans call), shared init
   sklearn           sklearn KMeans(algorithm="lloyd") on all N points, from the shared init
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
             "faiss_sub256": faiss_run(x, k, it, s, init, 256),
             "faiss_sub128": faiss_run(x, k, it, s, init, 128),
             "faiss_sub64": faiss_run(x, k, it, s, init, 64),
+            "faiss_sub32": faiss_run(x, k, it, s, init, 32),
             "faiss_coarse": faiss_coarse_to_fine_run(x, k, it, s, init),
             "sklearn": sklearn_run(x, k, it, s, init),
             "faiss_defaults": faiss_run(x, k, it, s),
