@@ -66,7 +66,7 @@ def pair_catalog(catalog: Catalog, pool_dir: str | Path, records: list[Record], 
     """A new catalog version whose task adapters are each task's Successive-Halving winner."""
     check_new_catalog_dir(out)
     if catalog.base_model is None:
-        raise CatalogError("pairing needs a catalog with a base model")
+        raise CatalogError(f"catalog {catalog.root} is routing-only: pairing needs one with a base model")
     base_dir = locate_base_model(catalog.base_model["id"])
     pool = adapter_pool(pool_dir)
     groups = group_by_task(records)
