@@ -54,6 +54,7 @@ class Generator:
             raise CatalogError(f"catalog {catalog.version} is routing-only (no adapters): nothing to generate with")
         model, self.tokenizer = load_causal_lm(locate_base_model(catalog.base_model["id"], cfg.base_model))
         self.fused = FusedLoraModel(model, max_loras=cfg.max_loras, max_rank=cfg.max_lora_rank or _max_rank(catalog))
+        self.context = getattr(model.config, "max_position_embeddings", None)   # None: no limit known
         self.catalog = catalog
         self.store = AdapterStore(self.fused, _adapter_paths(catalog))
         self.lock = threading.Lock()
@@ -137,10 +138,11 @@ class Generator:
             return e
 
     def _too_long(self, prompt: str) -> PromptTooLongError | None:
-        context = getattr(self.fused.model.config, "max_position_embeddings", None)
+        if self.context is None:
+            return None
         n = len(self.tokenizer(prompt).input_ids)
-        if context is not None and n >= context:
-            return PromptTooLongError(f"the prompt is {n} tokens; the base model's context is {context}")
+        if n >= self.context:
+            return PromptTooLongError(f"the prompt is {n} tokens; the base model's context is {self.context}")
         return None
 
     def _generate(self, rows: list[int], jobs: list[GenerationJob], prompts: dict[int, str],

@@ -110,10 +110,11 @@ class _Placement(_Strict):
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: malformed JSON: {e.msg} (line {e.lineno})") from None
         if v is not None:
-            if not isinstance(v, dict) or not isinstance(v.get("zero_optimization") or {}, dict):
+            zero = (v.get("zero_optimization") or {}) if isinstance(v, dict) else None
+            if not isinstance(zero, dict):
                 raise ValueError("expected a DeepSpeed config object, with zero_optimization an object "
                                  "(examples/deepspeed-zero2.json)")
-            stage = (v.get("zero_optimization") or {}).get("stage", 0)
+            stage = zero.get("stage", 0)
             if stage not in (0, 1, 2):
                 raise ValueError(f"zero_optimization.stage {stage!r} is not supported here; use 1 or 2 "
                                  f"(stage 3 shards the LoRA weights, and saving them needs a gather)")
