@@ -13,7 +13,7 @@ from ray import serve
 from routing.base_models import load_causal_lm, locate_base_model
 from routing.catalog import Catalog, CatalogError
 from routing.decision import RouteDecision
-from routing.lora import AdapterStore, FusedLoraModel, Generation, generate
+from routing.lora import AdapterStore, FusedLoraModel, Generation, generate, plan_batches
 from routing.templates import render
 
 from .config import AppArgs, catalog_switch
@@ -87,36 +87,26 @@ class Generator:
             return []
         return [(k, w) for k, w in job.decision.tasks if self.catalog.tasks[k].adapter is not None]
 
-    def _sub_batches(self, routes: list[list[tuple[str, float]]]) -> list[list[int]]:
-        """Row groups whose distinct adapters fit the resident slots (K-way fusions can overflow them)."""
-        groups: list[tuple[list[int], set[str]]] = []
-        for row, route in enumerate(routes):
-            need = {k for k, _ in route}
-            for rows, names in groups:
-                if len(names | need) <= self.store.capacity:
-                    rows.append(row)
-                    names |= need
-                    break
-            else:
-                groups.append(([row], need))
-        return [rows for rows, _ in groups]
-
     def _run(self, jobs: list[GenerationJob]) -> list[Generation | Exception]:
-        """One `generate` call per sub-batch; an error stays with the request that caused it."""
+        """One `generate` call per planned group (`plan_batches`); an error stays with the request that caused it."""
         out: list[Generation | Exception | None] = [None] * len(jobs)
         with self.lock:  # the store, the catalog and the layers' routing state serve one batch at a time
             tasks = self.catalog.tasks
             prompts: dict[int, str] = {}
+            lengths: dict[int, int] = {}   # prompt tokens
             for i, j in enumerate(jobs):
                 if any(k not in tasks for k, _ in j.decision.tasks):
                     out[i] = CatalogChangedError(f"route decision from catalog {j.decision.catalog_version} names "
                                                  f"tasks that catalog {self.catalog.version} no longer has; retry")
                 else:
                     prompts[i] = render(tasks[j.decision.top].template, j.text)
-                    out[i] = self._too_long(prompts[i])
+                    lengths[i] = len(self.tokenizer(prompts[i]).input_ids)
+                    out[i] = self._too_long(lengths[i])
             live = [i for i, g in enumerate(out) if g is None]
             routes = {i: self._routes(jobs[i]) for i in live}
-            for group in self._sub_batches([routes[i] for i in live]):
+            plan = plan_batches([{k for k, _ in routes[i]} for i in live], [lengths[i] for i in live],
+                                self.store.capacity)
+            for group in plan:
                 rows = [live[g] for g in group]
                 try:
                     done = self._generate(rows, jobs, prompts, routes)
@@ -137,10 +127,9 @@ class Generator:
         except Exception as e:   # noqa: BLE001 - returned to that request alone
             return e
 
-    def _too_long(self, prompt: str) -> PromptTooLongError | None:
+    def _too_long(self, n: int) -> PromptTooLongError | None:
         if self.context is None:
             return None
-        n = len(self.tokenizer(prompt).input_ids)
         if n >= self.context:
             return PromptTooLongError(f"the prompt is {n} tokens; the base model's context is {self.context}")
         return None

@@ -2,10 +2,12 @@
 
 `FusedLoraModel` swaps a causal LM's target linears for `FusedLoraLinear`; `AdapterStore` keeps
 the adapters a batch needs resident (LRU); `generate` runs one mixed batch, each row routed to one
-adapter, a weighted K-way fusion, or the bare base. Kernels sit behind `LoraBackend`.
+adapter, a weighted K-way fusion, or the bare base; `plan_batches` splits a server batch into such
+calls. Kernels sit behind `LoraBackend`.
 """
 
 from routing.lora.backend import LoraBackend, TorchReferenceBackend, get_backend
+from routing.lora.batching import plan_batches
 from routing.lora.generate import Generation, generate
 from routing.lora.layer import FusedLoraLinear, RoutingState
 from routing.lora.model import DEFAULT_TARGET_MODULES, AdapterLoadError, FusedLoraModel, LoadedAdapter
@@ -14,5 +16,5 @@ from routing.lora.store import AdapterStore, CapacityError
 __all__ = [
     "DEFAULT_TARGET_MODULES", "AdapterLoadError", "AdapterStore", "CapacityError", "FusedLoraLinear",
     "FusedLoraModel", "Generation", "LoadedAdapter", "LoraBackend", "RoutingState", "TorchReferenceBackend",
-    "generate", "get_backend",
+    "generate", "get_backend", "plan_batches",
 ]
