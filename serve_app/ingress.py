@@ -85,6 +85,9 @@ class Ingress:
         name = opts.router or ("fixed" if opts.task else self.cfg.default_router)
         if name == "fixed" and not opts.task:
             raise ValueError("the fixed router needs route.task")
+        if name != "fixed" and opts.task:   # silently routing elsewhere would hide the client's mistake
+            raise ValueError(f"route.task is for the fixed router; router {name!r} picks the task from the text "
+                             f"(leave route.router empty or set it to 'fixed')")
         started = time.perf_counter()
         decision = await self.router.route.remote(request, name)
         return decision, 1000 * (time.perf_counter() - started)

@@ -106,6 +106,7 @@ def test_concurrent_mixed_requests_batch_and_agree_with_single_requests(served):
     (dict(task="fin/nope"), grpc.StatusCode.NOT_FOUND, "unknown task 'fin/nope'"),
     (dict(router="oracle"), grpc.StatusCode.INVALID_ARGUMENT, "unknown router 'oracle'"),
     (dict(router="fixed"), grpc.StatusCode.INVALID_ARGUMENT, "needs route.task"),
+    (dict(router="centroid", task="med/dose"), grpc.StatusCode.INVALID_ARGUMENT, "route.task is for the fixed router"),
     (dict(top_k=3, temperature=1e-45), grpc.StatusCode.INVALID_ARGUMENT, "temperature must be in"),
     (dict(text="The patient weighs 7 kg. " * 200), grpc.StatusCode.INVALID_ARGUMENT, "the base model's context is"),
 ])
