@@ -11,6 +11,7 @@ Protocol (all splits seeded, nothing tuned on the held-out parts):
   FLAN-48  48 tasks x 20 samples: 5 folds over each task's 20 (seeded order); per fold 16 build the
            index / train the routers and 4 are held out. Pooled over folds: top-1, top-3, domain of
            top-1, and OOD domain (each query's own task removed from the pool, LoRAuter's regime).
+  --split-seed N draws another TASA split and FLAN fold order (0, the default, is the recorded one).
   ms_per_query: mean over the in-pool evaluations, batches of 256 as Serve batches them: routing +
            the encoder's embedding time (measured once per query set) for routers that need it.
 --quick: 20 held-out TASA queries per task, 64 index/training samples per task and one epoch on
@@ -78,6 +79,7 @@ class Scale:
     flan_folds: int                  # of 5
     flan: Setting
     flan_unseen: bool = True         # the unseen-task split (one more training)
+    split_seed: int = 0              # TASA's held-out split and FLAN's fold order (0: the recorded results)
 
 
 # TASA texts are short (median 25 tokens): 64 with head+tail truncation; FLAN prompts run longer.
@@ -175,7 +177,7 @@ def run_split(name: str, train: list[Record], test: list[Record], work: Path, se
 
 def tasa(path: Path, scale: Scale, work: Path, train_s: dict) -> dict[str, dict]:
     records = load_records(path)
-    train, held = split_per_task(records, 0.1, seed=0)
+    train, held = split_per_task(records, 0.1, seed=scale.split_seed)
     if scale.tasa_eval_per_task is not None:
         held = [r for key, rows in group_by_task(held).items()
                 for r in random.Random(f"eval:{key}").sample(rows, min(scale.tasa_eval_per_task, len(rows)))]
@@ -191,7 +193,7 @@ def tasa(path: Path, scale: Scale, work: Path, train_s: dict) -> dict[str, dict]
 def flan(path: Path, scale: Scale, work: Path, train_s: dict) -> dict[str, dict]:
     groups = {k: list(v) for k, v in group_by_task(load_records(path)).items()}
     for key, rows in groups.items():
-        random.Random(f"0:{key}").shuffle(rows)
+        random.Random(f"{scale.split_seed}:{key}").shuffle(rows)
     per_fold: dict[str, list[dict]] = {}
     for fold in range(scale.flan_folds):
         lo, hi = fold * FLAN_HELD_OUT, (fold + 1) * FLAN_HELD_OUT
@@ -289,6 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ablation", action="store_true", help="also the classifier without domain smoothing")
     ap.add_argument("--selector", metavar="BASE", help="also the AS selector on this base model (tiny | smollm2 | DIR)")
     ap.add_argument("--selector-steps", type=int, default=150, help="selector training steps per cell")
+    ap.add_argument("--split-seed", type=int, default=0,
+                    help="another held-out split / fold order, to see how much the split alone moves the figures")
     ap.add_argument("--flan-folds", type=int, default=None, help="override the number of FLAN folds (1..5)")
     args = ap.parse_args(argv)
     use_cpu_deepspeed_without_cuda()
@@ -301,6 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(args.threads)
     scale = QUICK if args.quick else FULL
+    scale = replace(scale, split_seed=args.split_seed)
     if args.flan_folds is not None:
         scale = replace(scale, flan_folds=max(1, min(FLAN_FOLDS, args.flan_folds)))
     present = {name: p for name, p in (("tasa", args.tasa), ("flan", args.flan)) if p.exists()}
