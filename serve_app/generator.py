@@ -128,9 +128,7 @@ class Generator:
             return e
 
     def _too_long(self, n: int) -> PromptTooLongError | None:
-        if self.context is None:
-            return None
-        if n >= self.context:
+        if self.context is not None and n >= self.context:
             return PromptTooLongError(f"the prompt is {n} tokens; the base model's context is {self.context}")
         return None
 
