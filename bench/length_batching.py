@@ -6,9 +6,11 @@
 A server batch of `--requests` rows: one prompt of about `--long-tokens` tokens, the rest about 30,
 each row its own adapter (fused K=1), greedy, EOS ignored. Modes, interleaved:
   one_call  every row in one `generate` call, left-padded to the long prompt
-  planned   `plan_batches`' groups (the long prompt alone, the short ones together), one call each
-Both modes finish the whole server batch (Serve answers a batch together), so `seconds` is what
-every request in it waits. `tokens_equal` is the share of rows whose tokens match across modes.
+  planned   `plan_batches`' groups (the short prompts together first, then the long one), one call each
+`seconds` is the whole server batch. What a request waits is `answer_s`: in one call every row
+answers at its end; planned, the Generator streams each call's rows as it returns, so the short rows
+answer after the first call (`planned_together` is the same plan answered all at once, as before the
+Generator streamed). `tokens_equal` is the share of rows whose tokens match across modes.
 Progress goes to stderr, a table to stdout, and the last stdout line is one JSON object.
 """
 
@@ -18,7 +20,9 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import sys
+import time
 import tempfile
 from pathlib import Path
 
@@ -65,30 +69,47 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"base {base_name}; prompt tokens: long {lengths[0]}, short {min(lengths[1:])}-{max(lengths[1:])}; "
         f"plan {[len(g) for g in plan]}")
 
-    def run(groups: list[list[int]]):
+    answered: dict[str, list[list[float]]] = {"one_call": [], "planned": []}   # per run: each row's answer time
+
+    def run(mode: str, groups: list[list[int]]):
         def fn():
             out: dict[int, list[int]] = {}
+            at: dict[int, float] = {}
+            started = time.perf_counter()
             for g in groups:
                 done = generate(fused, tok, [prompts[i] for i in g], [routes[i] for i in g],
                                 max_new_tokens=args.new_tokens, ignore_eos=True)
                 out.update({i: d.token_ids for i, d in zip(g, done)})
+                at.update({i: time.perf_counter() - started for i in g})
+            answered[mode].append([at[i] for i in range(len(prompts))])
             return [out[i] for i in range(len(prompts))]
         return fn
 
-    modes = {"one_call": run([list(range(len(prompts)))]), "planned": run(plan)}
+    modes = {"one_call": run("one_call", [list(range(len(prompts)))]), "planned": run("planned", plan)}
     outputs, median_s, _, _ = run_interleaved(modes, args.repeats)
     same = sum(a == b for a, b in zip(outputs["one_call"], outputs["planned"])) / len(prompts)
+    row_s = {m: [statistics.median(r[i] for r in runs[1:]) for i in range(len(prompts))]   # [0]: warm-up
+             for m, runs in answered.items()}
+    answer_s = {"short": {"one_call": statistics.mean(row_s["one_call"][1:]), "planned_together": median_s["planned"],
+                          "planned": statistics.mean(row_s["planned"][1:])},
+                "long": {"one_call": row_s["one_call"][0], "planned_together": median_s["planned"],
+                         "planned": row_s["planned"][0]}}
     summary = {
         "base": base_name, "threads": args.threads, "requests": args.requests, "new_tokens": args.new_tokens,
         "long_prompt_tokens": lengths[0], "short_prompt_tokens": [min(lengths[1:]), max(lengths[1:])],
         "plan": [len(g) for g in plan], "repeats": args.repeats,
         "seconds": {m: round(s, 3) for m, s in median_s.items()},
-        "planned_speedup": round(median_s["one_call"] / median_s["planned"], 2), "tokens_equal": same,
+        "planned_speedup": round(median_s["one_call"] / median_s["planned"], 2),
+        "answer_s": {k: {m: round(s, 3) for m, s in v.items()} for k, v in answer_s.items()},
+        "short_answer_speedup": round(answer_s["short"]["one_call"] / answer_s["short"]["planned"], 2),
+        "tokens_equal": same,
     }
     print(f"\nbase {base_name}: 1 prompt of {lengths[0]} tokens + {args.requests - 1} of "
           f"{min(lengths[1:])}-{max(lengths[1:])}, {args.new_tokens} new tokens, median of {args.repeats}")
-    for m, s in median_s.items():
-        print(f"{m:<10} {s:>8.3f} s")
+    print(f"{'':<17} {'batch s':>8} {'short answer s':>15} {'long answer s':>14}")
+    for m in ("one_call", "planned_together", "planned"):
+        print(f"{m:<17} {median_s[m.replace('_together', '')]:>8.3f} {answer_s['short'][m]:>15.3f} "
+              f"{answer_s['long'][m]:>14.3f}")
     print(json.dumps(summary))
     tmp.cleanup()
     return summary

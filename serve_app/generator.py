@@ -4,6 +4,7 @@ import asyncio
 import logging
 import os
 import threading
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,22 +88,28 @@ class Generator:
             return []
         return [(k, w) for k, w in job.decision.tasks if self.catalog.tasks[k].adapter is not None]
 
-    def _run(self, jobs: list[GenerationJob]) -> list[Generation | Exception]:
-        """One `generate` call per planned group (`plan_batches`); an error stays with the request that caused it."""
-        out: list[Generation | Exception | None] = [None] * len(jobs)
+    def _answers(self, jobs: list[GenerationJob]) -> Iterator[dict[int, Generation | Exception]]:
+        """Answers by row: first the rows refused up front, then each planned `generate` call's as soon
+        as it returns (`plan_batches` runs the short prompts first). An error stays with the request at fault."""
         with self.lock:  # the store, the catalog and the layers' routing state serve one batch at a time
             tasks = self.catalog.tasks
             prompts: dict[int, str] = {}
             lengths: dict[int, int] = {}   # prompt tokens
+            refused: dict[int, Exception] = {}
             for i, j in enumerate(jobs):
                 if any(k not in tasks for k, _ in j.decision.tasks):
-                    out[i] = CatalogChangedError(f"route decision from catalog {j.decision.catalog_version} names "
-                                                 f"tasks that catalog {self.catalog.version} no longer has; retry")
-                else:
-                    prompts[i] = render(tasks[j.decision.top].template, j.text)
-                    lengths[i] = len(self.tokenizer(prompts[i]).input_ids)
-                    out[i] = self._too_long(lengths[i])
-            live = [i for i, g in enumerate(out) if g is None]
+                    refused[i] = CatalogChangedError(f"route decision from catalog {j.decision.catalog_version} "
+                                                     f"names tasks that catalog {self.catalog.version} no longer "
+                                                     f"has; retry")
+                    continue
+                prompts[i] = render(tasks[j.decision.top].template, j.text)
+                lengths[i] = len(self.tokenizer(prompts[i]).input_ids)
+                if self.context is not None and lengths[i] >= self.context:
+                    refused[i] = PromptTooLongError(f"the prompt is {lengths[i]} tokens; the base model's "
+                                                    f"context is {self.context}")
+            if refused:
+                yield refused
+            live = [i for i in prompts if i not in refused]
             routes = {i: self._routes(jobs[i]) for i in live}
             plan = plan_batches([{k for k, _ in routes[i]} for i in live], [lengths[i] for i in live],
                                 self.store.capacity)
@@ -116,9 +123,7 @@ class Generator:
                     else:
                         log.warning("generator: a batch of %d failed (%s); running its rows one by one", len(rows), e)
                         done = [self._generate_one(i, jobs, prompts, routes) for i in rows]
-                for i, g in zip(rows, done):
-                    out[i] = g
-        return out
+                yield dict(zip(rows, done))
 
     def _generate_one(self, i: int, jobs: list[GenerationJob], prompts: dict[int, str],
                       routes: dict[int, list[tuple[str, float]]]) -> Generation | Exception:
@@ -126,11 +131,6 @@ class Generator:
             return self._generate([i], jobs, prompts, routes)[0]
         except Exception as e:   # noqa: BLE001 - returned to that request alone
             return e
-
-    def _too_long(self, n: int) -> PromptTooLongError | None:
-        if self.context is not None and n >= self.context:
-            return PromptTooLongError(f"the prompt is {n} tokens; the base model's context is {self.context}")
-        return None
 
     def _generate(self, rows: list[int], jobs: list[GenerationJob], prompts: dict[int, str],
                   routes: dict[int, list[tuple[str, float]]]) -> list[Generation]:
@@ -143,15 +143,37 @@ class Generator:
         return {"version": self.catalog.version, "resident": self.store.resident, "pid": os.getpid()}
 
     async def generate(self, job: GenerationJob) -> Generation:
-        out = await self.generate_batch(job)
-        if isinstance(out, Exception):  # one request's error, not its whole batch's
-            raise out
-        return out
+        answer = None
+        async for out in self.generate_batch(job):   # ends right after this request's own answer
+            if out is not None:   # None: another call of the batch answered
+                answer = out
+        if isinstance(answer, Exception):  # one request's error, not its whole batch's
+            raise answer
+        return answer
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def generate_batch(self, jobs: list[GenerationJob]) -> list[Generation | Exception]:
-        # Off the event loop, so the replica keeps accepting (and batching) requests meanwhile.
-        return await asyncio.to_thread(self._run, jobs)
+    async def generate_batch(self, jobs: list[GenerationJob]) -> AsyncIterator[list]:
+        """Streams the batch's answers call by call, so a short request does not wait for a long one's call.
+
+        Serve's streaming batch protocol: each yield is one item per request, here its answer (a
+        `Generation` or the error that is its alone), None (not yet), or StopIteration (that request is
+        done). `_answers` runs off the event loop, so the replica keeps accepting (and batching) requests.
+        """
+        loop = asyncio.get_running_loop()
+        answers: asyncio.Queue[dict[int, Generation | Exception] | None] = asyncio.Queue()
+
+        def work() -> None:
+            try:
+                for answered in self._answers(jobs):
+                    loop.call_soon_threadsafe(answers.put_nowait, answered)
+            finally:
+                loop.call_soon_threadsafe(answers.put_nowait, None)
+
+        worker = asyncio.ensure_future(asyncio.to_thread(work))
+        while (answered := await answers.get()) is not None:
+            yield [answered.get(i) for i in range(len(jobs))]
+            yield [StopIteration if i in answered else None for i in range(len(jobs))]
+        await worker   # what it raised fails the requests still open
 
 
 def _adapter_paths(catalog: Catalog) -> dict[str, Path]:

@@ -455,9 +455,9 @@ def test_plan_batches_keeps_adapters_within_capacity():
 def test_plan_batches_keeps_a_long_prompt_out_of_short_ones():
     one = [{"a"}] * 6
     assert plan_batches(one, [12, 30, 50, 60, 64, 100], capacity=4) == [[0, 1, 2, 3, 4, 5]]  # all "short"
-    assert plan_batches(one, [40, 4000, 35, 120, 2500, 60], capacity=4) == [[1, 4], [0, 2, 3, 5]]
+    assert plan_batches(one, [40, 4000, 35, 120, 2500, 60], capacity=4) == [[0, 2, 3, 5], [1, 4]]  # short first
     # a group's longest prompt is at most twice any row's: 1000 with 600 and 500, not with 400
-    assert plan_batches(one[:4], [500, 1000, 400, 600], capacity=4) == [[0, 1, 3], [2]]
+    assert plan_batches(one[:4], [500, 1000, 400, 600], capacity=4) == [[2], [0, 1, 3]]
 
 
 def test_plan_batches_refuses_mismatched_inputs():

@@ -137,17 +137,38 @@ def test_a_bad_request_fails_alone_not_its_batch(served):
     assert all(isinstance(n, int) and n >= 1 for i, n in enumerate(results) if i != 3), results
 
 
-def test_generator_returns_an_error_to_its_row_only(app):
-    """Inside one `generate` call (a decision with a non-finite weight cannot come from a router, so it is
-    built here): the Generator retries the rows one by one and the good ones still answer."""
-    generator = Generator.func_or_class({"catalog": str(app.catalog.root), "max_new_tokens": 4})
-    key = KEYS[0]
-    good = RouteDecision(((key, 1.0),), "fixed", app.catalog.version)
-    bad = RouteDecision(((key, float("nan")),), "fixed", app.catalog.version)
-    jobs = [GenerationJob(app.test[0].input, d, 4) for d in (good, bad, good)]
-    out = generator._run(jobs)
-    assert isinstance(out[1], ValueError) and "not finite" in str(out[1])
-    assert [o.text for o in (out[0], out[2])] == [g.text for g in generator._run([jobs[0]] * 2)]
+def test_generator_answers_each_call_as_it_returns_and_errors_stay_with_their_row(app):
+    """Three requests in one batch, on a Generator deployed beside the app with one adapter slot: their two
+    adapters need two `generate` calls, and each call's rows answer as it returns, the short prompts' call
+    first. In it, a decision with a non-finite weight (a router cannot make one, so it is built here) fails
+    the call; its rows are retried one by one and only that one gets the error."""
+    from ray import serve
+
+    args = {"catalog": str(app.catalog.root), "max_loras": 1, "max_batch_size": 3, "batch_wait_timeout_s": 0.5}
+    version = app.catalog.version
+    long = GenerationJob(" ".join(r.input for r in app.test[:3]), RouteDecision(((KEYS[0], 1.0),), "fixed", version),
+                         8)
+    short = GenerationJob(app.test[0].input, RouteDecision(((KEYS[1], 1.0),), "fixed", version), 4)
+    bad = GenerationJob(short.text, RouteDecision(((KEYS[1], float("nan")),), "fixed", version), 4)
+    in_process = Generator.func_or_class(args)
+    assert [sorted(answered) for answered in in_process._answers([long, short, bad])] == [[1, 2], [0]]
+
+    generator = serve.run(Generator.bind(args), name="one-slot", route_prefix=None)
+
+    def answer(job: GenerationJob):
+        try:
+            return generator.generate.remote(job).result()
+        except ValueError as e:
+            return e
+
+    try:
+        with ThreadPoolExecutor(3) as pool:  # a full batch: it starts when the third request arrives
+            got_long, got_short, got_bad = pool.map(answer, (long, short, bad))
+        alone = [answer(job).text for job in (long, short)]
+    finally:
+        serve.delete("one-slot")
+    assert isinstance(got_bad, ValueError) and "not finite" in str(got_bad)
+    assert [got_long.text, got_short.text] == alone
 
 
 def test_catalog_switch_in_place_keeps_replicas_and_in_flight_requests(app, tiny_base):

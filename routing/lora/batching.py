@@ -4,6 +4,9 @@ Two things keep rows apart. A call can only use the adapters resident at once (`
 capacity), and K-way fusions can overflow it. And prompts are left-padded to the longest in the
 call, in the prefill and in every decode step's attention: one 4,000-token prompt among 100-token
 ones would make each of them pay for 4,000. The planner is pure, so it is tested on its own.
+
+Calls run shortest prompts first: the Generator answers each call's rows as soon as it returns, so a
+short request batched with a long one is not held until the long one is done.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ SHORT_PROMPT_TOKENS = 64
 
 
 def plan_batches(adapters: Sequence[Collection[str]], lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Row indices grouped into `generate` calls, each group in row order.
+    """Row indices grouped into `generate` calls, each group in row order, the groups in the order to
+    run them (by their longest prompt, shortest first).
 
     Rows are placed longest prompt first, each into the first group whose adapters plus its own
     fit `capacity` and whose longest prompt is within `MAX_LENGTH_SPREAD` of its own. A row that
@@ -36,4 +40,4 @@ def plan_batches(adapters: Sequence[Collection[str]], lengths: Sequence[int], ca
                 break
         else:
             groups.append(([row], need, lengths[row]))
-    return [sorted(rows) for rows, _, _ in groups]
+    return [sorted(rows) for rows, _, _ in sorted(groups, key=lambda g: g[2])]
