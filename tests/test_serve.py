@@ -137,6 +137,23 @@ def test_a_bad_request_fails_alone_not_its_batch(served):
     assert all(isinstance(n, int) and n >= 1 for i, n in enumerate(results) if i != 3), results
 
 
+def test_a_client_that_gives_up_leaves_its_batch_and_the_replica_serving(app):
+    """A request whose gRPC deadline passes while its batch generates: it alone ends DEADLINE_EXCEEDED."""
+    client, port = app.client, app.config["grpc_options"]["port"]
+    texts = [r.input for r in app.test[:4]]
+    with SwitchboardClient(f"127.0.0.1:{port}", timeout_s=0.05) as hasty:
+        def send(i: int):
+            try:
+                return (hasty if i == 0 else client).generate(texts[i], max_new_tokens=8).text
+            except grpc.RpcError as e:
+                return e.code()
+
+        with ThreadPoolExecutor(len(texts)) as pool:
+            results = list(pool.map(send, range(len(texts))))
+    assert results[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert results[1:] == [client.generate(t, max_new_tokens=8).text for t in texts[1:]]
+
+
 def test_generator_answers_each_call_as_it_returns_and_errors_stay_with_their_row(app):
     """Three requests in one batch, on a Generator deployed beside the app with one adapter slot: their two
     adapters need two `generate` calls, and each call's rows answer as it returns, the short prompts' call
