@@ -183,3 +183,5 @@ def test_domain_soft_targets_and_temperature_scaling():
     truth = rng.integers(0, 4, 400)
     logits = rng.normal(size=(400, 4)) + 4.0 * np.eye(4)[truth]
     assert 0.7 < fit_temperature(logits * 3, truth) / 3 / fit_temperature(logits, truth) < 1.3   # scale-equivariant
+    assert fit_temperature(logits, truth) < 1 < fit_temperature(-logits, truth)   # sharpen right ones, flatten wrong ones
+    assert fit_temperature(10.0 * np.eye(4)[truth], truth) == 1.0   # all right: no minimum, no sharpening

@@ -62,9 +62,16 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Temperature scaling (Guo et al., 2017): the T minimising held-out NLL of softmax(logits / T)."""
-    grid = np.exp(np.linspace(math.log(0.05), math.log(20.0), 241))
+    """Temperature scaling (Guo et al., 2017): the T minimising held-out NLL of softmax(logits / T).
+
+    When the model ranks every calibration record right, the NLL only falls as T -> 0: it has no
+    minimum, and the records say nothing about how sure to be. T stays 1 then (the model's own
+    probabilities) rather than going to one-hot ones, which would leave top-K fusion nothing to weigh.
+    """
     z = logits.astype(np.float64)
+    if (z.argmax(axis=1) == labels).all():
+        return 1.0
+    grid = np.exp(np.linspace(math.log(0.05), math.log(20.0), 241))
     best, best_nll = 1.0, math.inf
     for t in grid:
         nll = -float(np.mean(log_softmax(z / t)[np.arange(len(z)), labels]))
