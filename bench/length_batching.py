@@ -22,8 +22,8 @@ import json
 import os
 import statistics
 import sys
-import time
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # see fused_generation.py; must precede torch
@@ -107,9 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nbase {base_name}: 1 prompt of {lengths[0]} tokens + {args.requests - 1} of "
           f"{min(lengths[1:])}-{max(lengths[1:])}, {args.new_tokens} new tokens, median of {args.repeats}")
     print(f"{'':<17} {'batch s':>8} {'short answer s':>15} {'long answer s':>14}")
-    for m in ("one_call", "planned_together", "planned"):
-        print(f"{m:<17} {median_s[m.replace('_together', '')]:>8.3f} {answer_s['short'][m]:>15.3f} "
-              f"{answer_s['long'][m]:>14.3f}")
+    for m, batch_mode in (("one_call", "one_call"), ("planned_together", "planned"), ("planned", "planned")):
+        print(f"{m:<17} {median_s[batch_mode]:>8.3f} {answer_s['short'][m]:>15.3f} {answer_s['long'][m]:>14.3f}")
     print(json.dumps(summary))
     tmp.cleanup()
     return summary

@@ -138,7 +138,8 @@ def test_a_bad_request_fails_alone_not_its_batch(served):
 
 
 def test_a_client_that_gives_up_leaves_its_batch_and_the_replica_serving(app):
-    """A request whose gRPC deadline passes while its batch generates: it alone ends DEADLINE_EXCEEDED."""
+    """A request whose gRPC deadline passes in flight, among others: it alone ends DEADLINE_EXCEEDED, and
+    the replica answers the rest and what comes next as if it had not been there."""
     client, port = app.client, app.config["grpc_options"]["port"]
     texts = [r.input for r in app.test[:4]]
     with SwitchboardClient(f"127.0.0.1:{port}", timeout_s=0.05) as hasty:
