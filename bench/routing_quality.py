@@ -12,6 +12,8 @@ Protocol (all splits seeded, nothing tuned on the held-out parts):
            index / train the routers and 4 are held out. Pooled over folds: top-1, top-3, domain of
            top-1, and OOD domain (each query's own task removed from the pool, LoRAuter's regime).
   --split-seed N draws another TASA split and FLAN fold order (0, the default, is the recorded one).
+  --tasa-test / --flan-test: measure on a given test split instead (TASA also when the tree has
+           test*.jsonl files beside its train*.jsonl): the routers then learn from all the training data.
   ms_per_query: mean over the in-pool evaluations, batches of 256 as Serve batches them: routing +
            the encoder's embedding time (measured once per query set) for routers that need it.
 --quick: 20 held-out TASA queries per task, 64 index/training samples per task and one epoch on
@@ -175,9 +177,32 @@ def run_split(name: str, train: list[Record], test: list[Record], work: Path, se
     return out
 
 
-def tasa(path: Path, scale: Scale, work: Path, train_s: dict) -> dict[str, dict]:
-    records = load_records(path)
-    train, held = split_per_task(records, 0.1, seed=scale.split_seed)
+def held_out_split(train: list[Record], test: list[Record], name: str) -> tuple[list[Record], list[Record]]:
+    """A given test split, checked: every task it asks for must be one the training side has."""
+    unknown = sorted({r.key for r in test} - {r.key for r in train})
+    if unknown:
+        raise SystemExit(f"{name} test split: tasks with no training records {unknown}")
+    log(f"{name}: {len(train)} training records, {len(test)} test queries from the given test split")
+    return train, test
+
+
+def tree_has_test_split(path: Path) -> bool:
+    return path.is_dir() and any(path.glob("*/*/test*.jsonl"))
+
+
+def tasa_split(path: Path, test: Path | None, seed: int) -> tuple[list[Record], list[Record]]:
+    """(training, held-out) TASA: `--tasa-test`; else the tree's own `test*.jsonl` beside `train*.jsonl`;
+    else our seeded 10% of every task. A test file in the tree is never read as training data."""
+    if test is not None:
+        return held_out_split(load_records(path), load_records(test), "TASA")
+    if tree_has_test_split(path):
+        return held_out_split(load_records(path, files="train*.jsonl"), load_records(path, files="test*.jsonl"),
+                              "TASA")
+    return split_per_task(load_records(path), 0.1, seed=seed)
+
+
+def tasa(path: Path, scale: Scale, work: Path, train_s: dict, test: Path | None = None) -> dict[str, dict]:
+    train, held = tasa_split(path, test, scale.split_seed)
     if scale.tasa_eval_per_task is not None:
         held = [r for key, rows in group_by_task(held).items()
                 for r in random.Random(f"eval:{key}").sample(rows, min(scale.tasa_eval_per_task, len(rows)))]
@@ -190,15 +215,25 @@ def tasa(path: Path, scale: Scale, work: Path, train_s: dict) -> dict[str, dict]
     return results
 
 
-def flan(path: Path, scale: Scale, work: Path, train_s: dict) -> dict[str, dict]:
+def flan_folds(groups: dict[str, list[Record]], scale: Scale,
+               test: Path | None) -> list[tuple[list[Record], list[Record]]]:
+    """(training, held-out) per fold: all 20 samples per task against `--flan-test`, else our 5 folds."""
+    if test is not None:
+        return [held_out_split([r for rows in groups.values() for r in rows], load_records(test), "FLAN-48")]
+    folds = []
+    for fold in range(scale.flan_folds):
+        lo, hi = fold * FLAN_HELD_OUT, (fold + 1) * FLAN_HELD_OUT
+        folds.append(([r for rows in groups.values() for r in rows[:lo] + rows[hi:]],
+                      [r for rows in groups.values() for r in rows[lo:hi]]))
+    return folds
+
+
+def flan(path: Path, scale: Scale, work: Path, train_s: dict, test: Path | None = None) -> dict[str, dict]:
     groups = {k: list(v) for k, v in group_by_task(load_records(path)).items()}
     for key, rows in groups.items():
         random.Random(f"{scale.split_seed}:{key}").shuffle(rows)
     per_fold: dict[str, list[dict]] = {}
-    for fold in range(scale.flan_folds):
-        lo, hi = fold * FLAN_HELD_OUT, (fold + 1) * FLAN_HELD_OUT
-        held = [r for rows in groups.values() for r in rows[lo:hi]]
-        train = [r for rows in groups.values() for r in rows[:lo] + rows[hi:]]
+    for fold, (train, held) in enumerate(flan_folds(groups, scale, test)):
         split = run_split(f"flan-fold{fold}", train, held, work, replace(scale.flan, seed=fold), None, ood=True,
                           train_s=train_s)
         for router, res in split.items():
@@ -210,7 +245,9 @@ def flan(path: Path, scale: Scale, work: Path, train_s: dict) -> dict[str, dict]
                   for k in ("top1_task_acc", "top3_task_acc", "domain_acc", "ood_domain_acc", "ms_per_query")}
         out[router] = {"flan": {**pooled, "n": int(n.sum()), "folds": len(folds),
                                 "per_fold_top1": [f["top1_task_acc"] for f in folds]}}
-    if scale.flan_unseen:
+    if scale.flan_unseen and len(groups) <= FLAN_UNSEEN_TASKS:
+        log(f"no unseen-task split: {len(groups)} tasks leave none in the pool once {FLAN_UNSEEN_TASKS} are unseen")
+    elif scale.flan_unseen:
         keys = sorted(groups)
         random.Random("unseen-tasks").shuffle(keys)
         unseen = set(keys[:FLAN_UNSEEN_TASKS])
@@ -285,6 +322,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasa", type=Path, default=Path("../shared/data/tasa"), help="TASA tree <domain>/<task>/*.jsonl")
     ap.add_argument("--flan", type=Path, default=Path("../shared/data/flan48/validation.jsonl"), help="FLAN-48 JSONL")
+    ap.add_argument("--tasa-test", type=Path, help="a TASA test split (tree or file) to measure on instead of our "
+                    "10%%; a test*.jsonl beside each train*.jsonl in --tasa is used the same way")
+    ap.add_argument("--flan-test", type=Path, help="FLAN-48 test queries to measure on (the routers then learn from "
+                    "all of --flan) instead of the 5 folds")
     ap.add_argument("--quick", action="store_true", help="fewer samples, one epoch, one FLAN fold (minutes)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (this machine has 2 cores)")
     ap.add_argument("--work", type=Path, default=None, help="keep the catalogs here (default: a temp dir)")
@@ -322,9 +363,9 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="sb-routing-quality-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        for name, fn in (("tasa", tasa), ("flan", flan)):
+        for name, fn, test in (("tasa", tasa, args.tasa_test), ("flan", flan, args.flan_test)):
             if name in present:
-                for router, cells in fn(present[name], scale, work, train_s).items():
+                for router, cells in fn(present[name], scale, work, train_s, test).items():
                     results.setdefault(router, {}).update(cells)
     rows = summarise(results)
     print(table(rows))
@@ -333,6 +374,9 @@ def main(argv: list[str] | None = None) -> dict:
                "train_seconds": {k: round(float(np.mean(v)), 1) for k, v in train_s.items()},
                "per_task": {r: {c: cell.get("per_task") for c, cell in cells.items() if "per_task" in cell}
                             for r, cells in results.items()},
+               "held_out": {"tasa": str(args.tasa_test or (args.tasa if tree_has_test_split(args.tasa) else
+                                                          "our 10% split")),
+                            "flan": str(args.flan_test or "our 5 folds")},
                "seconds": round(time.perf_counter() - started, 1)}
     print(json.dumps(summary))
     return summary

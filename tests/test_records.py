@@ -63,6 +63,12 @@ def test_as_config_and_directory_tree(tmp_path):
     (tree / "med" / "qa").mkdir(parents=True)
     _lines(tree / "med" / "qa" / "train.jsonl", [{"input": "x", "output": "y"}])
     assert [r.key for r in load_records(tree)] == ["med/qa"]
+    # a test split beside the training file: read only when asked for
+    _lines(tree / "med" / "qa" / "test.jsonl", [{"input": "q", "output": "a"}])
+    assert [r.input for r in load_records(tree, files="train*.jsonl")] == ["x"]
+    assert [r.input for r in load_records(tree, files="test*.jsonl")] == ["q"]
+    with pytest.raises(RecordError, match=r"no <domain>/<task>/dev\*.jsonl files"):
+        load_records(tree, files="dev*.jsonl")
 
 
 def test_as_config_json_list_takes_the_config_keys(tmp_path):

@@ -156,13 +156,13 @@ def _read_as_config(path: Path, config: dict[str, dict]) -> tuple[list[Record], 
     return records, problems
 
 
-def _read_tree(root: Path) -> tuple[list[Record], list[Problem]]:
-    """`<root>/<domain>/<task>/*.jsonl`: domain and task default to the folder names."""
-    files = sorted(root.glob("*/*/*.jsonl"))
-    if not files:
-        return [], [Problem(str(root), None, None, "no <domain>/<task>/*.jsonl files under this directory")]
+def _read_tree(root: Path, files: str) -> tuple[list[Record], list[Problem]]:
+    """`<root>/<domain>/<task>/<files>`: domain and task default to the folder names."""
+    paths = sorted(root.glob(f"*/*/{files}"))
+    if not paths:
+        return [], [Problem(str(root), None, None, f"no <domain>/<task>/{files} files under this directory")]
     records, problems = [], []
-    for f in files:
+    for f in paths:
         got, bad = _read_jsonl(f, {"domain": f.parent.parent.name, "task": f.parent.name})
         records += got
         problems += bad
@@ -179,12 +179,16 @@ def _load_file(path: Path, defaults: dict[str, str]) -> tuple[list[Record], list
     return [], [Problem(str(path), None, None, f"unknown format {path.suffix!r}: use .jsonl, .json or a directory")]
 
 
-def load_records(path: str | Path) -> list[Record]:
-    """Load records from any supported shape; raise `RecordError` naming every bad row."""
+def load_records(path: str | Path, files: str = "*.jsonl") -> list[Record]:
+    """Load records from any supported shape; raise `RecordError` naming every bad row.
+
+    In a `<domain>/<task>/` tree only the files matching the glob `files` are read (e.g. "train*.jsonl",
+    to keep a test split that sits beside the training files out).
+    """
     p = Path(path)
     if not p.exists():
         raise RecordError([Problem(str(p), None, None, "no such file or directory")])
-    records, problems = _read_tree(p) if p.is_dir() else _load_file(p, {})
+    records, problems = _read_tree(p, files) if p.is_dir() else _load_file(p, {})
     if problems:
         raise RecordError(problems)
     if not records:
