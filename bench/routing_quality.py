@@ -57,7 +57,8 @@ from routing.routers import ROUTERS as REGISTERED, Router  # noqa: E402
 from routing.routers.probabilistic import ProbabilisticRouter  # noqa: E402
 from training.accelerator import use_cpu_deepspeed_without_cuda  # noqa: E402
 from training.catalog_build import build_catalog  # noqa: E402
-from training.records import Record, group_by_task, load_records, split_per_task  # noqa: E402
+from training.records import (Record, group_by_task, has_test_split, load_records,  # noqa: E402
+                              train_test_records)
 from training.router_training import train_classifier  # noqa: E402
 
 
@@ -177,32 +178,8 @@ def run_split(name: str, train: list[Record], test: list[Record], work: Path, se
     return out
 
 
-def held_out_split(train: list[Record], test: list[Record], name: str) -> tuple[list[Record], list[Record]]:
-    """A given test split, checked: every task it asks for must be one the training side has."""
-    unknown = sorted({r.key for r in test} - {r.key for r in train})
-    if unknown:
-        raise SystemExit(f"{name} test split: tasks with no training records {unknown}")
-    log(f"{name}: {len(train)} training records, {len(test)} test queries from the given test split")
-    return train, test
-
-
-def tree_has_test_split(path: Path) -> bool:
-    return path.is_dir() and any(path.glob("*/*/test*.jsonl"))
-
-
-def tasa_split(path: Path, test: Path | None, seed: int) -> tuple[list[Record], list[Record]]:
-    """(training, held-out) TASA: `--tasa-test`; else the tree's own `test*.jsonl` beside `train*.jsonl`;
-    else our seeded 10% of every task. A test file in the tree is never read as training data."""
-    if test is not None:
-        return held_out_split(load_records(path), load_records(test), "TASA")
-    if tree_has_test_split(path):
-        return held_out_split(load_records(path, files="train*.jsonl"), load_records(path, files="test*.jsonl"),
-                              "TASA")
-    return split_per_task(load_records(path), 0.1, seed=seed)
-
-
 def tasa(path: Path, scale: Scale, work: Path, train_s: dict, test: Path | None = None) -> dict[str, dict]:
-    train, held = tasa_split(path, test, scale.split_seed)
+    train, held = train_test_records(path, test, 0.1, seed=scale.split_seed)
     if scale.tasa_eval_per_task is not None:
         held = [r for key, rows in group_by_task(held).items()
                 for r in random.Random(f"eval:{key}").sample(rows, min(scale.tasa_eval_per_task, len(rows)))]
@@ -215,11 +192,11 @@ def tasa(path: Path, scale: Scale, work: Path, train_s: dict, test: Path | None 
     return results
 
 
-def flan_folds(groups: dict[str, list[Record]], scale: Scale,
+def flan_folds(path: Path, groups: dict[str, list[Record]], scale: Scale,
                test: Path | None) -> list[tuple[list[Record], list[Record]]]:
     """(training, held-out) per fold: all 20 samples per task against `--flan-test`, else our 5 folds."""
     if test is not None:
-        return [held_out_split([r for rows in groups.values() for r in rows], load_records(test), "FLAN-48")]
+        return [train_test_records(path, test)]
     folds = []
     for fold in range(scale.flan_folds):
         lo, hi = fold * FLAN_HELD_OUT, (fold + 1) * FLAN_HELD_OUT
@@ -233,7 +210,7 @@ def flan(path: Path, scale: Scale, work: Path, train_s: dict, test: Path | None 
     for key, rows in groups.items():
         random.Random(f"{scale.split_seed}:{key}").shuffle(rows)
     per_fold: dict[str, list[dict]] = {}
-    for fold, (train, held) in enumerate(flan_folds(groups, scale, test)):
+    for fold, (train, held) in enumerate(flan_folds(path, groups, scale, test)):
         split = run_split(f"flan-fold{fold}", train, held, work, replace(scale.flan, seed=fold), None, ood=True,
                           train_s=train_s)
         for router, res in split.items():
@@ -374,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
                "train_seconds": {k: round(float(np.mean(v)), 1) for k, v in train_s.items()},
                "per_task": {r: {c: cell.get("per_task") for c, cell in cells.items() if "per_task" in cell}
                             for r, cells in results.items()},
-               "held_out": {"tasa": str(args.tasa_test or (args.tasa if tree_has_test_split(args.tasa) else
+               "held_out": {"tasa": str(args.tasa_test or (args.tasa if has_test_split(args.tasa) else
                                                           "our 10% split")),
                             "flan": str(args.flan_test or "our 5 folds")},
                "seconds": round(time.perf_counter() - started, 1)}

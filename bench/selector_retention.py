@@ -11,8 +11,8 @@ selection data (`switchboard selector update --op add --ratio R`). For each R it
 task accuracy on held-out queries of the old tasks and of the new tasks, next to the selector
 before the update (old tasks only). New tasks: the last task of each domain (or `--new`).
 
-Data: the demo corpus's train/test splits, or with `--tasa` a fixed 10%-per-task held-out split
-of that tree (seed 0), `--eval-per-task` queries per task, representatives picked from a seeded
+Data: the demo corpus's train/test splits, or with `--tasa` that tree's test*.jsonl if it has them,
+else a fixed 10%-per-task held-out split of it (seed 0), `--eval-per-task` queries per task, representatives picked from a seeded
 pool of 8 x `--per-task` training rows per task. Progress goes to stderr, the table to
 stdout, and the last stdout line is one JSON object.
 """
@@ -41,7 +41,7 @@ from training.adapter import TrainSpec  # noqa: E402
 from training.base_model import resolve_base_model  # noqa: E402
 from training.catalog_build import build_catalog  # noqa: E402
 from training.demo_corpus import demo_records  # noqa: E402
-from training.records import Record, group_by_task, load_records, split_per_task  # noqa: E402
+from training.records import Record, group_by_task, train_test_records  # noqa: E402
 from training.selector import train_selector, update_selector  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def load_data(tasa: Path | None, eval_per_task: int, pool_per_task: int) -> tupl
     (K-means picks the representatives from it; embedding all ~2,700 per task costs minutes more)."""
     if tasa is None:
         return demo_records("train"), demo_records("test")
-    train, test = split_per_task(load_records(tasa), 0.1, seed=0)
+    train, test = train_test_records(tasa)
     rng = random.Random(0)
     sample = lambda rows, n: rng.sample(rows, min(n, len(rows)))  # noqa: E731
     return ([r for rows in group_by_task(train).values() for r in sample(rows, pool_per_task)],

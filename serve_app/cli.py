@@ -80,7 +80,7 @@ def cmd_train_adapter(a: argparse.Namespace) -> dict:
     from training.adapter import LoraSpec, train_adapters
     from training.records import load_records
 
-    records = load_records(a.tasks)
+    records = load_records(a.tasks, a.files)
     lora = LoraSpec(variant=a.variant, r=a.r, alpha=a.alpha)
     name, base = _base_model(a.base_model)
     done = train_adapters(base, records, Path(a.out), lora=lora, tasks=a.task or None, text_mode=a.text)
@@ -98,7 +98,7 @@ def cmd_catalog_build(a: argparse.Namespace) -> dict:
     from training.catalog_build import build_catalog
     from training.records import load_records
 
-    records = load_records(a.tasks)
+    records = load_records(a.tasks, a.files)
     base = _base_model(a.base_model) if a.adapters else None
     catalog = build_catalog(records, a.out, adapters=a.adapters, base_model=base, text_mode=a.text, per_task=a.per_task)
     return _catalog_summary(catalog)
@@ -128,7 +128,7 @@ def cmd_eval_routing(a: argparse.Namespace) -> dict:
     if a.plot:
         _new_file("--plot", a.plot, ".png")
     catalog = Catalog.load(a.catalog)
-    records = load_records(a.data)
+    records = load_records(a.data, a.files)
     unknown = sorted({r.key for r in records} - set(catalog.tasks))
     if unknown and not a.ood:
         raise ValueError(f"{a.data}: tasks {unknown} are not in catalog {catalog.version}")
@@ -173,8 +173,8 @@ def cmd_data_select(a: argparse.Namespace) -> dict:
 
     _new_file("--out", a.out)
     base = _base_model(a.base_model)[1] if a.embed == "base-embeddings" else None
-    selected, report = select_representatives(load_records(a.tasks), a.per_task, how=a.embed, metric=a.metric,
-                                              text_mode=a.text, seed=a.seed, base_model_path=base)
+    selected, report = select_representatives(load_records(a.tasks, a.files), a.per_task, how=a.embed,
+                                              metric=a.metric, text_mode=a.text, seed=a.seed, base_model_path=base)
     write_jsonl(selected, a.out)
     return {"out": a.out, "n": len(selected), "per_task": report}
 
@@ -183,7 +183,7 @@ def cmd_train_router(a: argparse.Namespace) -> dict:
     from routing.catalog import Catalog
     from training.records import load_records
 
-    catalog, records = Catalog.load(a.catalog), load_records(a.tasks)
+    catalog, records = Catalog.load(a.catalog), load_records(a.tasks, a.files)
     if a.kind in ("classifier", "lexical"):
         from training import router_training
 
@@ -203,7 +203,7 @@ def cmd_selector_update(a: argparse.Namespace) -> dict:
     from training.selector import update_selector
 
     catalog = Catalog.load(a.catalog)
-    new_records = load_records(a.tasks) if a.tasks else []
+    new_records = load_records(a.tasks, a.files) if a.tasks else []
     new = update_selector(catalog, a.op, a.out, _base_model(a.base_model)[1], ratio=a.ratio, new_records=new_records,
                           delete=a.delete or [], per_task=a.per_task, text_mode=a.text)
     return _catalog_summary(new)
@@ -214,7 +214,7 @@ def cmd_pair(a: argparse.Namespace) -> dict:
     from training.pairing import pair_catalog
     from training.records import load_records
 
-    return pair_catalog(Catalog.load(a.catalog), a.pool, load_records(a.data), a.out)[1]
+    return pair_catalog(Catalog.load(a.catalog), a.pool, load_records(a.data, a.files), a.out)[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     text = dict(choices=["input", "instruction+input"], help="what a query's text is made of")
     base = dict(default="tiny", help="tiny | tiny-test | smollm2 | a Hugging Face model directory")
+    files = dict(metavar="GLOB", help="in a <domain>/<task>/ tree, read only these files (e.g. 'train*.jsonl'); "
+                                      "by default all *.jsonl, refused when test*.jsonl sit beside others")
 
     def command(name: str, fn: Callable, help: str, parent=sub) -> argparse.ArgumentParser:
         c = parent.add_parser(name, help=help, description=help)
@@ -240,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="a run config, YAML or JSON (training/run_config.py: variant, workers, "
                                      "deepspeed, ...); replaces the flags below")
     c.add_argument("--tasks", help="records: JSONL, JSON, AS config or <domain>/<task>/ tree")
+    c.add_argument("--files", **files)
     c.add_argument("--task", action="append", help="only this task key (repeatable); default: every task")
     c.add_argument("--out")
     c.add_argument("--base-model", **base)
@@ -254,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "lexical: the n-gram model alone (seconds); selector: the AS selector LoRA")
     c.add_argument("--catalog", required=True)
     c.add_argument("--tasks", required=True, help="training records of the catalog's tasks")
+    c.add_argument("--files", **files)
     c.add_argument("--out", required=True, help="the new catalog directory")
     c.add_argument("--base-model", **base)
     c.add_argument("--text", default="input", **text)
@@ -265,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="prepare training data").add_subparsers(dest="what", required=True)
     c = command("select", cmd_data_select, "K-means representative samples per task (AS data construction)", data)
     c.add_argument("--tasks", required=True)
+    c.add_argument("--files", **files)
     c.add_argument("--per-task", type=_positive, required=True)
     c.add_argument("--embed", default="encoder", choices=["encoder", "base-embeddings"])
     c.add_argument("--metric", default="cos", choices=["l2", "ip", "cos"])
@@ -279,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--op", required=True, choices=["add", "balance", "delete"])
     c.add_argument("--ratio", type=float, required=True, help="fraction of the old selection data retained")
     c.add_argument("--tasks", help="records of the tasks to add / balance")
+    c.add_argument("--files", **files)
     c.add_argument("--delete", action="append", help="task key to delete (repeatable)")
     c.add_argument("--out", required=True)
     c.add_argument("--base-model", **base)
@@ -289,11 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--catalog", required=True)
     c.add_argument("--pool", required=True, help="directory of candidate adapters")
     c.add_argument("--data", required=True, help="validation records of the catalog's tasks")
+    c.add_argument("--files", **files)
     c.add_argument("--out", required=True)
 
     cat = sub.add_parser("catalog", help="build or inspect catalogs").add_subparsers(dest="what", required=True)
     c = command("build", cmd_catalog_build, "build a catalog (routing-only without --adapters)", cat)
     c.add_argument("--tasks", required=True)
+    c.add_argument("--files", **files)
     c.add_argument("--out", required=True)
     c.add_argument("--adapters", help="directory of adapters, <domain>/<task>/ each")
     c.add_argument("--base-model", **base)
@@ -313,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = command("routing", cmd_eval_routing, "routing accuracy of a router on labelled records", ev)
     c.add_argument("--catalog", required=True)
     c.add_argument("--data", required=True)
+    c.add_argument("--files", **files)
     c.add_argument("--router", default="auto",
                    help="auto (default): the best the catalog carries, of ensemble, classifier, lexical, centroid; "
                         "or any of those, or selector")

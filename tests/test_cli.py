@@ -60,6 +60,21 @@ def test_bad_input_exits_2_with_file_line_and_field(tmp_path):
     assert res.returncode == 2 and "not a catalog" in res.stderr
 
 
+def test_a_tree_with_a_test_split_beside_training_files_needs_files_named(tmp_path):
+    """The layout real test splits come in: reading the whole tree would train on the test split."""
+    for key, rows in (("fin/a", ["up", "down"]), ("med/b", ["dose", "lab"])):
+        (tmp_path / "tree" / key).mkdir(parents=True)
+        for split, text in zip(("train", "test"), rows):
+            (tmp_path / "tree" / key / f"{split}.jsonl").write_text(json.dumps({"input": text, "output": "x"}) + "\n")
+    build = ("catalog", "build", "--tasks", str(tmp_path / "tree"), "--out")
+    res = run(*build, str(tmp_path / "all"))
+    assert res.returncode == 2 and "holds a test split" in res.stderr and "--files" in res.stderr
+    assert not (tmp_path / "all").exists()
+    res = run(*build, str(tmp_path / "train"), "--files", "train*.jsonl")
+    assert res.returncode == 0, res.stderr
+    assert sorted(json.loads(res.stdout.strip().splitlines()[-1])["tasks"]) == ["fin/a", "med/b"]
+
+
 def test_training_configs_are_validated_before_any_work(tmp_path):
     """`train adapter --config` and `sweep --config`: a bad key is named with its file, exit 2, nothing written."""
     run_cfg = tmp_path / "run.yaml"

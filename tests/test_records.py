@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from training.records import Record, RecordError, load_records, split_per_task, write_jsonl
+from training.records import Record, RecordError, load_records, split_per_task, train_test_records, write_jsonl
 
 GOOD = {"instruction": "Say it", "input": "hello", "output": "hi", "domain": "fin", "task": "greet"}
 
@@ -63,8 +63,11 @@ def test_as_config_and_directory_tree(tmp_path):
     (tree / "med" / "qa").mkdir(parents=True)
     _lines(tree / "med" / "qa" / "train.jsonl", [{"input": "x", "output": "y"}])
     assert [r.key for r in load_records(tree)] == ["med/qa"]
-    # a test split beside the training file: read only when asked for
+    # a test split beside the training file: never pooled with it unless asked for
     _lines(tree / "med" / "qa" / "test.jsonl", [{"input": "q", "output": "a"}])
+    with pytest.raises(RecordError, match=r"holds a test split \(med/qa/test.jsonl, ...\) beside train.jsonl"):
+        load_records(tree)
+    assert sorted(r.input for r in load_records(tree, files="*.jsonl")) == ["q", "x"]
     assert [r.input for r in load_records(tree, files="train*.jsonl")] == ["x"]
     assert [r.input for r in load_records(tree, files="test*.jsonl")] == ["q"]
     with pytest.raises(RecordError, match=r"no <domain>/<task>/dev\*.jsonl files"):
@@ -124,3 +127,23 @@ def test_split_per_task_is_deterministic_and_disjoint():
     kept, held = split_per_task(records, 0.1, seed=7)
     assert len(held) == 6 and not set(kept) & set(held)
     assert split_per_task(records, 0.1, seed=7) == (kept, held)
+
+
+def test_train_test_records_takes_a_given_or_the_trees_test_split_else_holds_out_its_own(tmp_path):
+    tree = tmp_path / "tree"
+    for t in ("a", "b"):
+        (tree / "fin" / t).mkdir(parents=True)
+        _lines(tree / "fin" / t / "train.jsonl", [{"input": f"{t}{i}", "output": "y"} for i in range(10)])
+    train, held = train_test_records(tree, seed=3)   # no test split anywhere: 10% of each task held out
+    assert (len(train), len(held)) == (18, 2) and (train, held) == split_per_task(load_records(tree), 0.1, seed=3)
+
+    given = _lines(tmp_path / "given.jsonl", [{**GOOD, "task": "b", "input": "qb"}])
+    train, held = train_test_records(tree, given)
+    assert (len(train), [r.input for r in held]) == (20, ["qb"])
+    unknown = _lines(tmp_path / "unknown.jsonl", [GOOD])
+    with pytest.raises(RecordError, match=r"unknown.jsonl: test tasks with no training records: \['fin/greet'\]"):
+        train_test_records(tree, unknown)
+
+    _lines(tree / "fin" / "a" / "test.jsonl", [{"input": "qa", "output": "y"}])
+    train, held = train_test_records(tree)   # the tree's own test split, never read as training data
+    assert (len(train), [r.input for r in held]) == (20, ["qa"])

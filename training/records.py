@@ -156,11 +156,19 @@ def _read_as_config(path: Path, config: dict[str, dict]) -> tuple[list[Record], 
     return records, problems
 
 
-def _read_tree(root: Path, files: str) -> tuple[list[Record], list[Problem]]:
+def _read_tree(root: Path, files: str | None) -> tuple[list[Record], list[Problem]]:
     """`<root>/<domain>/<task>/<files>`: domain and task default to the folder names."""
-    paths = sorted(root.glob(f"*/*/{files}"))
+    paths = sorted(root.glob(f"*/*/{files or '*.jsonl'}"))
     if not paths:
-        return [], [Problem(str(root), None, None, f"no <domain>/<task>/{files} files under this directory")]
+        return [], [Problem(str(root), None, None, f"no <domain>/<task>/{files or '*.jsonl'} files under this "
+                                                   f"directory")]
+    tests = [f for f in paths if f.name.startswith("test")]
+    if files is None and tests and len(tests) < len(paths):
+        others = sorted({f.name for f in paths} - {f.name for f in tests})
+        return [], [Problem(str(root), None, None, f"holds a test split ({tests[0].relative_to(root)}, ...) beside "
+                                                   f"{', '.join(others)}: reading both would train on the test split; "
+                                                   f"choose the files (CLI: --files 'train*.jsonl', or '*.jsonl' "
+                                                   f"for all)")]
     records, problems = [], []
     for f in paths:
         got, bad = _read_jsonl(f, {"domain": f.parent.parent.name, "task": f.parent.name})
@@ -179,11 +187,12 @@ def _load_file(path: Path, defaults: dict[str, str]) -> tuple[list[Record], list
     return [], [Problem(str(path), None, None, f"unknown format {path.suffix!r}: use .jsonl, .json or a directory")]
 
 
-def load_records(path: str | Path, files: str = "*.jsonl") -> list[Record]:
+def load_records(path: str | Path, files: str | None = None) -> list[Record]:
     """Load records from any supported shape; raise `RecordError` naming every bad row.
 
-    In a `<domain>/<task>/` tree only the files matching the glob `files` are read (e.g. "train*.jsonl",
-    to keep a test split that sits beside the training files out).
+    In a `<domain>/<task>/` tree only the files matching the glob `files` are read (e.g. "train*.jsonl").
+    By default every *.jsonl is, unless test*.jsonl files sit beside others: a test split silently
+    pooled into training data is the one mistake an evaluation cannot reveal, so that is refused.
     """
     p = Path(path)
     if not p.exists():
@@ -222,3 +231,26 @@ def split_per_task(records: Iterable[Record], fraction: float, seed: int = 0) ->
         held += rows[:n]
         kept += rows[n:]
     return kept, held
+
+
+def has_test_split(path: str | Path) -> bool:
+    """Whether a `<domain>/<task>/` tree carries its own test split (test*.jsonl files)."""
+    return Path(path).is_dir() and any(Path(path).glob("*/*/test*.jsonl"))
+
+
+def train_test_records(path: str | Path, test: str | Path | None = None, fraction: float = 0.1,
+                       seed: int = 0) -> tuple[list[Record], list[Record]]:
+    """(training, test) records: `path` against a given `test` split; else a tree's own test*.jsonl
+    against its train*.jsonl; else a seeded `fraction` of every task held out (`split_per_task`).
+
+    A test task that has no training records is an error: nothing could have learnt it.
+    """
+    if test is None and not has_test_split(path):
+        return split_per_task(load_records(path), fraction, seed)
+    train, held = (load_records(path), load_records(test)) if test is not None else \
+        (load_records(path, "train*.jsonl"), load_records(path, "test*.jsonl"))
+    unknown = sorted({r.key for r in held} - {r.key for r in train})
+    if unknown:
+        raise RecordError([Problem(str(test or path), None, None, f"test tasks with no training records: {unknown}")])
+    return train, held
+
