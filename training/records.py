@@ -167,8 +167,8 @@ def _read_tree(root: Path, files: str | None) -> tuple[list[Record], list[Proble
         others = sorted({f.name for f in paths} - {f.name for f in tests})
         return [], [Problem(str(root), None, None, f"holds a test split ({tests[0].relative_to(root)}, ...) beside "
                                                    f"{', '.join(others)}: reading both would train on the test split; "
-                                                   f"choose the files (CLI: --files 'train*.jsonl', or '*.jsonl' "
-                                                   f"for all)")]
+                                                   f"name the files: --files 'train*.jsonl' (or '*.jsonl' for all), "
+                                                   f"or in a run config an Adapters-Selector config of the files")]
     records, problems = [], []
     for f in paths:
         got, bad = _read_jsonl(f, {"domain": f.parent.parent.name, "task": f.parent.name})
