@@ -12,9 +12,9 @@ task accuracy on held-out queries of the old tasks and of the new tasks, next to
 before the update (old tasks only). New tasks: the last task of each domain (or `--new`).
 
 Data: the demo corpus's train/test splits, or with `--tasa` that tree's test*.jsonl if it has them,
-else a fixed 10%-per-task held-out split of it (seed 0), `--eval-per-task` queries per task, representatives picked from a seeded
-pool of 8 x `--per-task` training rows per task. Progress goes to stderr, the table to
-stdout, and the last stdout line is one JSON object.
+else a fixed 10%-per-task held-out split of it (seed 0); `--eval-per-task` queries per task,
+representatives picked from a seeded pool of 8 x `--per-task` training rows per task. Progress goes
+to stderr, the table to stdout, and the last stdout line is one JSON object.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from typing import Iterable, Literal
 TextMode = Literal["input", "instruction+input"]
 TEXT_MODES: tuple[TextMode, ...] = ("input", "instruction+input")
 REQUIRED = ("input", "output", "domain", "task")
+TRAIN_FILES, TEST_FILES = "train*.jsonl", "test*.jsonl"   # a tree's splits, when it carries its own
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ def _read_tree(root: Path, files: str | None) -> tuple[list[Record], list[Proble
     if not paths:
         return [], [Problem(str(root), None, None, f"no <domain>/<task>/{files or '*.jsonl'} files under this "
                                                    f"directory")]
-    tests = [f for f in paths if f.name.startswith("test")]
+    tests = [f for f in paths if f.match(TEST_FILES)]
     if files is None and tests and len(tests) < len(paths):
         others = sorted({f.name for f in paths} - {f.name for f in tests})
         return [], [Problem(str(root), None, None, f"holds a test split ({tests[0].relative_to(root)}, ...) beside "
@@ -234,8 +235,8 @@ def split_per_task(records: Iterable[Record], fraction: float, seed: int = 0) ->
 
 
 def has_test_split(path: str | Path) -> bool:
-    """Whether a `<domain>/<task>/` tree carries its own test split (test*.jsonl files)."""
-    return Path(path).is_dir() and any(Path(path).glob("*/*/test*.jsonl"))
+    """Whether a `<domain>/<task>/` tree carries its own test split (`TEST_FILES`)."""
+    return Path(path).is_dir() and any(Path(path).glob(f"*/*/{TEST_FILES}"))
 
 
 def train_test_records(path: str | Path, test: str | Path | None = None, fraction: float = 0.1,
@@ -245,12 +246,13 @@ def train_test_records(path: str | Path, test: str | Path | None = None, fractio
 
     A test task that has no training records is an error: nothing could have learnt it.
     """
-    if test is None and not has_test_split(path):
+    if test is not None:
+        train, held = load_records(path), load_records(test)
+    elif has_test_split(path):
+        train, held = load_records(path, TRAIN_FILES), load_records(path, TEST_FILES)
+    else:
         return split_per_task(load_records(path), fraction, seed)
-    train, held = (load_records(path), load_records(test)) if test is not None else \
-        (load_records(path, "train*.jsonl"), load_records(path, "test*.jsonl"))
     unknown = sorted({r.key for r in held} - {r.key for r in train})
     if unknown:
         raise RecordError([Problem(str(test or path), None, None, f"test tasks with no training records: {unknown}")])
     return train, held
-
