@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, Sequence, get_args
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
@@ -39,7 +39,7 @@ from routing.templates import render, template_for
 from training.records import Record, group_by_task
 
 Variant = Literal["lora", "rslora", "dora", "pissa"]
-VARIANTS: tuple[str, ...] = ("lora", "rslora", "dora", "pissa")
+VARIANTS: tuple[str, ...] = get_args(Variant)
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # moved in this order
 DONE_MARKER = "training.json"
 CHECKPOINTS = "checkpoints"
@@ -166,18 +166,17 @@ class _Collator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-class _InOrderTrainer(Trainer):
-    """Reads the pre-shuffled schedule sequentially (see `_schedule`), and computes logits only where
-    there is a target."""
-
-    def _get_train_sampler(self, train_dataset=None):
-        return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+class _AnswerLossTrainer(Trainer):
+    """Computes logits only where there is a target (the schedule is read in order: `_schedule`)."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The causal-LM loss (mean over answer tokens), with the LM head applied to answer positions
         only: prompts carry no loss, and on a small model the head over every position costs a fifth of
-        the step. A wrapped model (DDP, DeepSpeed) takes the standard path, so gradients still sync."""
-        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else None
+        the step. A wrapped model (DDP, DeepSpeed) takes the standard path: its forward syncs gradients,
+        and the Trainer weighs the loss by the answer tokens of the whole global batch, not of this
+        worker's share. (DeepSpeed's engine passes attribute lookups through to the model, so the test
+        is identity, not `hasattr`.)"""
+        causal_lm = model.get_base_model() if model is self.model else None
         if return_outputs or not (hasattr(causal_lm, "model") and hasattr(causal_lm, "lm_head")):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         hidden = causal_lm.model(input_ids=inputs["input_ids"],
@@ -188,7 +187,10 @@ class _InOrderTrainer(Trainer):
         return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
 
 
-class _Progress(TrainerCallback):
+class ProgressBar(TrainerCallback):
+    """A Trainer's progress on stderr (transformers' own bar writes its log lines to stdout, where a
+    command's JSON result goes), with the last logged loss."""
+
     def __init__(self, desc: str, enabled: bool):
         self.desc, self.enabled, self.bar = desc, enabled, None
 
@@ -295,18 +297,19 @@ def _peft_model(base_path: Path, lora: LoraSpec, seed: int, staging: Path | None
 
 
 def _trainer(peft_model, tokenizer, examples: list[dict], ckpt_dir: Path, train: TrainSpec, steps: int,
-             per_device_batch: int, callbacks: list[TrainerCallback], **placement) -> "_InOrderTrainer":
+             per_device_batch: int, callbacks: list[TrainerCallback], **placement) -> "_AnswerLossTrainer":
     """The Trainer every placement uses; `placement` adds its TrainingArguments (use_cpu, deepspeed, ...)."""
     args = TrainingArguments(
         output_dir=str(ckpt_dir), per_device_train_batch_size=per_device_batch, learning_rate=train.lr,
         max_steps=steps, num_train_epochs=1, lr_scheduler_type="linear", warmup_steps=min(train.warmup_steps, steps),
         weight_decay=0.0, logging_steps=max(1, min(10, steps // 10)), save_strategy="steps", save_steps=train.save_steps,
         save_total_limit=2, seed=train.seed, data_seed=train.seed, report_to=[], disable_tqdm=True,
-        remove_unused_columns=False, dataloader_num_workers=0, **placement)
-    trainer = _InOrderTrainer(model=peft_model, args=args,
-                              train_dataset=_schedule(examples, steps, train.batch_size, train.seed),
-                              data_collator=_Collator(tokenizer.pad_token_id), callbacks=callbacks)
-    trainer.remove_callback(PrinterCallback)  # it prints every log line to stdout; _Progress shows the loss
+        remove_unused_columns=False, dataloader_num_workers=0, train_sampling_strategy="sequential",  # `_schedule`
+        **placement)
+    trainer = _AnswerLossTrainer(model=peft_model, args=args,
+                                  train_dataset=_schedule(examples, steps, train.batch_size, train.seed),
+                                  data_collator=_Collator(tokenizer.pad_token_id), callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # it prints every log line to stdout; ProgressBar shows the loss
     return trainer
 
 
@@ -365,7 +368,7 @@ def train_adapter(base_path: str | Path, records: list[Record], template: str, o
     if resume:
         _log(f"{name}: resumed from step {resume[1]}")
     trainer = _trainer(peft_model, tokenizer, examples, ckpt_dir, train, steps, train.batch_size,
-                       [_Progress(f"adapter {name}", progress), *callbacks], use_cpu=True)
+                       [ProgressBar(f"adapter {name}", progress), *callbacks], use_cpu=True)
     trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
     _save(trainer, peft_model, lora, out, staging, base_id, {
         "tasks": keys, "n_records": len(records), "seconds": round(time.monotonic() - started, 2),

@@ -9,7 +9,7 @@ What `train_classifier` does (all seeded by `seed`):
      `calibration_per_task`, 50 by default);
   2. a balanced sample of at most `per_task` of the rest per task is the training set;
   3. the catalog's encoder gets a cosine head whose prototypes start at the task centroids of
-     (up to 64 per task of) the training texts, so step 0 equals the centroid router;
+     (up to 64 per task of) the training texts, so step 0 is a centroid router already;
   4. transformers' `Trainer` fine-tunes encoder + head with cross-entropy (length-grouped batches);
   5. on the calibration records: a temperature for the probabilities (temperature scaling);
   6. the lexical router is fitted too, on all the non-calibration records (seconds to a minute or
@@ -42,6 +42,7 @@ from routing.routers.classifier import TaskClassifier, domain_soft_targets, mean
 from routing.routers.lexical import LexicalModel
 from routing.routers.probabilistic import fit_temperature
 
+from .adapter import ProgressBar
 from .records import Record, TEXT_MODES, group_by_task
 
 ClassifierTextMode = Literal["input", "instruction+input", "both"]
@@ -70,10 +71,9 @@ def texts_for(record: Record, text_mode: ClassifierTextMode) -> list[str]:
     return [record.text(text_mode)]
 
 
-def split_for_training(records: list[Record], keys: list[str], per_task: int | None, seed: int,
-                       calibration_per_task: int = CALIBRATION_MAX
+def split_for_training(records: list[Record], keys: list[str], seed: int, calibration_per_task: int = CALIBRATION_MAX
                        ) -> tuple[dict[str, list[Record]], dict[str, list[Record]]]:
-    """Per task: (training sample of at most `per_task`, calibration records). Unknown keys raise."""
+    """Per task: (the training records in a seeded order, calibration records). Unknown keys raise."""
     groups = group_by_task(records)
     unknown = sorted(set(groups) - set(keys))
     if unknown:
@@ -88,7 +88,7 @@ def split_for_training(records: list[Record], keys: list[str], per_task: int | N
         random.Random(f"{seed}:{key}:classifier").shuffle(rows)
         n_cal = min(calibration_per_task, max(1, round(len(rows) * CALIBRATION_FRACTION))) if len(rows) > 1 else 0
         calib[key], rest = rows[:n_cal], rows[n_cal:]
-        train[key] = rest if per_task is None else rest[:per_task]
+        train[key] = rest
     return train, calib
 
 
@@ -137,7 +137,7 @@ def train_classifier(catalog: Catalog, records: list[Record], out: str | Path, *
     """
     from transformers import (AutoModel, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments,
                               set_seed)
-    from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     log = _logger("classifier", progress, log)
     keys = catalog.keys
@@ -182,12 +182,14 @@ def train_classifier(catalog: Catalog, records: list[Record], out: str | Path, *
             output_dir=str(Path(tmp) / "trainer"), per_device_train_batch_size=batch_size, num_train_epochs=epochs,
             learning_rate=learning_rate, warmup_steps=max(1, int(0.06 * epochs * len(texts) / batch_size)),
             lr_scheduler_type="linear", save_strategy="no", logging_strategy="no", report_to="none",
-            disable_tqdm=not progress, seed=seed, train_sampling_strategy="group_by_length",
+            seed=seed, train_sampling_strategy="group_by_length",
             dataloader_pin_memory=False, remove_unused_columns=False)
         trainer = Trainer(model=model, args=args, train_dataset=_Examples(dict(enc), labels),
                           data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
                           optimizers=(optimizer, None))
-        trainer.remove_callback(PrinterCallback)  # it prints the run's metrics to stdout, where our JSON goes
+        for printer in (PrinterCallback, ProgressCallback):   # both print the run's metrics to stdout
+            trainer.remove_callback(printer)
+        trainer.add_callback(ProgressBar("classifier", progress))
         trainer.train()
         model = trainer.model.eval()
         train_s = time.perf_counter() - started
@@ -237,7 +239,7 @@ def _prepare(records: list[Record], keys: list[str], out: str | Path, text_mode:
     if text_mode not in (*TEXT_MODES, "both"):
         raise ValueError(f"text_mode must be one of {(*TEXT_MODES, 'both')}, got {text_mode!r}")
     check_new_catalog_dir(out)
-    return split_for_training(records, keys, None, seed, calibration_per_task)
+    return split_for_training(records, keys, seed, calibration_per_task)
 
 
 def _fit_lexical(train: dict[str, list[Record]], calib: dict[str, list[Record]], keys: list[str],

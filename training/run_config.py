@@ -25,12 +25,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from training.adapter import DEFAULT_TARGETS, VARIANTS, LoraSpec, TrainSpec
+from training.adapter import DEFAULT_TARGETS, VARIANTS, LoraSpec, TrainSpec, Variant
+from training.records import TextMode
 
 DEMO = "demo"
 _LORA, _TRAIN = LoraSpec(), TrainSpec()  # defaults come from training.adapter, so the two never disagree
-Variant = Literal["lora", "rslora", "dora", "pissa"]
-TextMode = Literal["input", "instruction+input"]
 
 
 class ConfigError(ValueError):
