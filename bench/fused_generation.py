@@ -76,6 +76,7 @@ def make_adapters(base, root: Path, n: int, rank: int, seed: int):
 
     names = [f"a{i:02d}" for i in range(n)]
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=ALL_PROJ)
+    torch.manual_seed(seed)   # peft draws lora_A from torch's global generator
     peft_model = get_peft_model(base, cfg, adapter_name=names[0])
     for name in names[1:]:
         peft_model.add_adapter(name, cfg)
@@ -84,7 +85,7 @@ def make_adapters(base, root: Path, n: int, rank: int, seed: int):
         for pname, p in peft_model.named_parameters():
             if "lora_B" in pname:  # zero at init: make every delta non-zero
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    peft_model.save_pretrained(root, safe_serialization=True)  # "a00" -> root/a00? see below
+    peft_model.save_pretrained(root, safe_serialization=True)
     paths = {}
     for name in names:
         d = root / name

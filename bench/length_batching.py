@@ -3,8 +3,8 @@
     .venv/bin/python bench/length_batching.py                     # random tiny Llama, built in-process
     .venv/bin/python bench/length_batching.py --base PATH --long-tokens 2000   # e.g. smollm2
 
-A server batch of `--requests` rows: one prompt of about `--long-tokens` tokens, the rest about 30,
-each row its own adapter (fused K=1), greedy, EOS ignored. Modes, interleaved:
+A server batch of `--requests` rows: one prompt of about `--long-tokens` tokens, the rest 40
+characters (9-17 tokens), each row its own adapter (fused K=1), greedy, EOS ignored. Modes, interleaved:
   one_call  every row in one `generate` call, left-padded to the long prompt
   planned   `plan_batches`' groups (the short prompts together first, then the long one), one call each
 `seconds` is the whole server batch. What a request waits is `answer_s`: in one call every row

@@ -26,14 +26,16 @@ def locate_base_model(model_id: str, override: str | Path | None = None) -> Path
     """The directory of the base model a catalog names, checked against its id.
 
     `override` is an explicit directory; otherwise the model is looked up in the cache, where
-    `training.base_model` writes `tiny` and `smollm2` under the name their id starts with.
+    `training.base_model` writes `tiny` and `smollm2` under the name their id starts with. Only the
+    content hash must match: the same model mounted under another directory name (a k8s volume) is it.
     """
-    path = Path(override) if override else cache_root() / "base" / model_id.split("@", 1)[0]
+    name, digest = model_id.split("@", 1) if "@" in model_id else (model_id, "")
+    path = Path(override) if override else cache_root() / "base" / name
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"base model {model_id} not found at {path}; build it "
                                 f"(`switchboard demo` / `--base-model`) or pass its directory")
     found = base_model_id(path)
-    if found != model_id:
+    if found.split("@", 1)[1] != digest:
         raise ValueError(f"{path} is base model {found}, but the catalog's adapters were trained on {model_id}")
     return path
 

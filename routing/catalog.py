@@ -22,13 +22,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .task_index import TaskIndex
+from .adapter_config import AdapterLoadError, read_adapter_config
+from .task_index import TaskIndex, TaskIndexError
 
 FORMAT = 1
 MANIFEST = "catalog.json"
 INDEX_FILE = "index.npz"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+LABELS_FILE = "labels.json"   # in a trained router's directory: the task keys it scores, in its output order
 
 
 class CatalogError(ValueError):
@@ -93,6 +95,8 @@ class Catalog:
             index = TaskIndex.load(index_path)
         except OSError as e:
             raise CatalogError(f"{index_path}: not a readable task index ({e.strerror})") from None
+        except TaskIndexError as e:
+            raise CatalogError(f"{index_path}: {e}") from None
         except (ValueError, KeyError) as e:   # numpy's own text suggests unpickling, which catalogs never do
             raise CatalogError(f"{index_path}: not a readable task index (an .npz of plain arrays "
                                f"keys, centroids, embeddings, labels; {type(e).__name__})") from None
@@ -117,6 +121,10 @@ class Catalog:
             raise CatalogError(f"task index covers {sorted(self.index.keys)} but the catalog lists {sorted(self.tasks)}")
         for name, rel in self.routers.items():
             _confined(self.root, rel, f"router {name}")
+            labels = router_labels(self.root / rel)
+            if labels is not None and sorted(labels) != sorted(self.tasks):
+                raise CatalogError(f"router {name} scores tasks {sorted(labels)}, but the catalog lists "
+                                   f"{sorted(self.tasks)}; retrain it (`switchboard train router --kind {name}`)")
         if verify and content_version(self.root) != self.version:
             raise CatalogError(f"{self.root}: content does not match version {self.version} (edited after it was written?)")
 
@@ -131,11 +139,9 @@ class Catalog:
         if not (path / ADAPTER_WEIGHTS).is_file():
             raise CatalogError(f"task {key}: adapter {rel} has no {ADAPTER_WEIGHTS}")
         try:
-            config = json.loads((path / "adapter_config.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CatalogError(f"task {key}: adapter {rel}: unreadable adapter_config.json ({e})") from None
-        if not isinstance(config, dict):
-            raise CatalogError(f"task {key}: adapter {rel}: adapter_config.json is not a JSON object")
+            config = read_adapter_config(path, key)   # what the fused layers would refuse, refused here
+        except AdapterLoadError as e:
+            raise CatalogError(f"task {key}: {e}") from None
         trained_on = config.get("base_model_name_or_path")
         expected = (self.base_model or {}).get("id")
         if expected is None:
@@ -235,6 +241,7 @@ def write_catalog(out: str | Path, *, tasks: dict[str, TaskEntry], index: TaskIn
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         manifest["version"] = content_version(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        Catalog.load(tmp)   # validated before it becomes visible: a refused catalog leaves nothing behind
         if versioned:
             out = out / manifest["version"]
         if versioned and out.exists():
@@ -247,6 +254,20 @@ def write_catalog(out: str | Path, *, tasks: dict[str, TaskEntry], index: TaskIn
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Catalog.load(out)
+
+
+def router_labels(path: Path) -> list[str] | None:
+    """The task keys a trained router directory scores (`LABELS_FILE`), or None if it has none."""
+    file = path / LABELS_FILE
+    if not file.is_file():
+        return None
+    try:
+        labels = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CatalogError(f"{file}: malformed JSON: {e}") from None
+    if not (isinstance(labels, list) and all(isinstance(k, str) for k in labels)) or len(set(labels)) != len(labels):
+        raise CatalogError(f"{file}: expected a JSON list of distinct task keys")
+    return labels
 
 
 def _copy_artefact(src: Path, dst: Path) -> None:
@@ -268,12 +289,14 @@ def derive_catalog(base: Catalog, out: str | Path, *, router_dirs: dict[str, Pat
     """A new catalog version from `base`: same content except what is given, `parent` = base's version.
 
     `router_dirs` adds or replaces trained routers; `tasks`/`index`/`adapter_dirs` replace the task
-    set (adapters of kept tasks are carried over from `base` unless given).
+    set (adapters of kept tasks are carried over from `base` unless given). A trained router of
+    `base` that scores another task set than the new one is left behind (it would be refused).
     """
     tasks = dict(tasks if tasks is not None else base.tasks)
     adapters = {k: base.adapter_path(k) for k in tasks if k in base.tasks and base.tasks[k].adapter}
     adapters.update(adapter_dirs or {})
-    routers = {name: base.router_path(name) for name in base.routers}
+    routers = {name: base.router_path(name) for name in base.routers
+               if sorted(router_labels(base.router_path(name)) or tasks) == sorted(tasks)}
     routers.update(router_dirs or {})
     return write_catalog(out, tasks={k: TaskEntry(**{**asdict(t), "adapter": None}) for k, t in tasks.items()},
                          index=index if index is not None else base.index, encoder=base.encoder,

@@ -27,6 +27,8 @@ def evaluate_routing(router: Router, texts: list[str], keys: list[str], *, top_k
         raise ValueError("the fixed router is told the task; there is nothing to evaluate")
     if len(texts) != len(keys) or not texts:
         raise ValueError("need one task key per text, and at least one text")
+    if router.needs_embedding and embed is None:
+        raise ValueError(f"the {router.name} router needs query embeddings: pass `embed`")
     top1, top3, domain = [], [], []
     per_task: dict[str, list[float]] = defaultdict(list)
     confusion: dict[str, Counter] = defaultdict(Counter)
@@ -34,7 +36,7 @@ def evaluate_routing(router: Router, texts: list[str], keys: list[str], *, top_k
     for lo in range(0, len(texts), BATCH):
         batch_t, batch_k = texts[lo: lo + BATCH], keys[lo: lo + BATCH]
         emb = embed(batch_t) if router.needs_embedding else [None] * len(batch_t)
-        requests = [RouteRequest(t, top_k=top_k, embedding=e, exclude=k if ood else None)
+        requests = [RouteRequest(t, top_k=max(top_k, 3), embedding=e, exclude=k if ood else None)   # top-3 needs 3
                     for t, k, e in zip(batch_t, batch_k, emb)]
         for truth, decision in zip(batch_k, router.route(requests)):
             ranked = [k for k, _ in decision.tasks]

@@ -19,7 +19,7 @@ def exact_match(prediction: str, reference: str) -> float:
 
 def first_line_match(prediction: str, reference: str) -> float:
     """Exact match on the first line only: lets a model ramble after a correct answer."""
-    return exact_match(prediction.strip().split("\n", 1)[0] if prediction.strip() else "", reference)
+    return exact_match(prediction.strip().split("\n", 1)[0], reference)
 
 
 METRICS: dict[str, Callable[[str, str], float]] = {"exact": exact_match, "first_line": first_line_match}

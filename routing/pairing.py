@@ -26,7 +26,8 @@ class HalvingConfig:
 
     def __post_init__(self) -> None:
         if self.base_samples < 1 or not 0 < self.keep < 1 or self.growth <= 1 or self.warmup < 0:
-            raise ValueError(f"bad halving config {self}: need base_samples >= 1, 0 < keep < 1, growth > 1")
+            raise ValueError(f"bad halving config {self}: need base_samples >= 1, 0 < keep < 1, growth > 1, "
+                             f"warmup >= 0")
 
 
 @dataclass(frozen=True)
@@ -48,13 +49,15 @@ def successive_halving(candidates: list[str], n_samples: int, score: Score,
     rng = random.Random(config.seed)
     alive, rounds, spent, r = list(candidates), [], 0, 0
     while len(alive) > 1:
-        m = config.base_samples if r < config.warmup else math.ceil(config.base_samples * config.growth ** (r - config.warmup + 1))
+        grown = config.growth ** (r - config.warmup + 1)
+        m = config.base_samples if r < config.warmup else math.ceil(config.base_samples * grown)
         sample = rng.sample(range(n_samples), min(m, n_samples))
         scores = score(alive, sample)
         spent += len(alive) * len(sample)
         rounds.append({"samples": len(sample), "scores": {c: round(scores[c], 4) for c in alive}})
         # Stable order: ties keep the earlier candidate, so results do not depend on dict order.
-        q = max(1, math.ceil(config.keep * len(alive)))
+        # At least one candidate drops each round (keep = 0.6 of 2 would otherwise keep both forever).
+        q = min(len(alive) - 1, max(1, math.ceil(config.keep * len(alive))))
         alive = sorted(alive, key=lambda c: -scores[c])[:q]
         r += 1
     return HalvingResult(alive[0], rounds, spent)

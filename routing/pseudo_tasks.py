@@ -5,13 +5,13 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from .task_index import TaskIndex
+from .task_index import TaskIndex, normalise
 
 
 def pseudo_task_index(embeddings: np.ndarray, k: int, seed: int = 0, niter: int = 25) -> TaskIndex:
-    """Cluster normalised embeddings (spherical K-means) into `k` pseudo-tasks `pseudo/cNN`."""
-    x = np.ascontiguousarray(embeddings, dtype=np.float32)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    """Cluster normalised embeddings (spherical K-means) into at most `k` pseudo-tasks `pseudo/cNN`
+    (a cluster left empty, e.g. by duplicate embeddings, names no task)."""
+    x = normalise(embeddings)
     if not 1 <= k <= len(x):
         raise ValueError(f"need 1 <= k <= {len(x)} pseudo-tasks, got {k}")
     km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=True, verbose=False)

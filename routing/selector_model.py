@@ -17,9 +17,9 @@ from peft import PeftModel
 from transformers import Cache
 
 from .base_models import load_causal_lm, locate_base_model
+from .catalog import LABELS_FILE
 
 SELECTOR_TEMPLATE = "### Which task is this request for?\n{text}\n### Task:\n"
-LABELS_FILE = "labels.json"
 
 
 def label_text(key: str) -> str:

@@ -14,9 +14,13 @@ import faiss
 import numpy as np
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
+def normalise(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+class TaskIndexError(ValueError):
+    """Arrays that do not make a task index (the message says which and why)."""
 
 
 @dataclass
@@ -28,9 +32,16 @@ class TaskIndex:
 
     def __post_init__(self) -> None:
         if len(self.keys) != len(set(self.keys)):
-            raise ValueError("task index has duplicate keys")
-        if self.centroids.shape[0] != len(self.keys):
-            raise ValueError(f"{self.centroids.shape[0]} centroids for {len(self.keys)} tasks")
+            raise TaskIndexError("task index has duplicate keys")
+        if self.centroids.ndim != 2 or self.centroids.shape[0] != len(self.keys):
+            raise TaskIndexError(f"centroids of shape {self.centroids.shape} for {len(self.keys)} tasks")
+        if self.embeddings.ndim != 2 or self.embeddings.shape[1] != self.centroids.shape[1]:
+            raise TaskIndexError(f"sample embeddings of shape {self.embeddings.shape} beside "
+                                 f"{self.centroids.shape[1]}-dimensional centroids")
+        in_range = np.all((self.labels >= 0) & (self.labels < len(self.keys)))
+        if self.labels.shape != (len(self.embeddings),) or not in_range:
+            raise TaskIndexError(f"{self.labels.shape} sample labels for {len(self.embeddings)} samples "
+                                 f"(each a task id below {len(self.keys)})")
         self._faiss = faiss.IndexFlatIP(self.centroids.shape[1])
         self._faiss.add(self.centroids)
 
@@ -42,33 +53,36 @@ class TaskIndex:
         keys = sorted(set(keys_per_row))
         position = {k: i for i, k in enumerate(keys)}
         labels = np.array([position[k] for k in keys_per_row], dtype=np.int64)
-        emb = _normalise(embeddings)
+        emb = normalise(embeddings)
         centroids = np.stack([emb[labels == i].mean(axis=0) for i in range(len(keys))])
-        return cls(keys, _normalise(centroids), emb, labels)
+        return cls(keys, normalise(centroids), emb, labels)
 
     @property
     def dim(self) -> int:
         return int(self.centroids.shape[1])
 
-    def search(self, queries: np.ndarray, k: int, exclude: list[int | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k tasks per query: (scores (Q, k), task ids (Q, k)), best first.
+    def search(self, queries: np.ndarray, k: int,
+               exclude: list[int | None] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per query, its top-k tasks as (scores, task ids), best first.
 
-        `exclude[q]` drops one task from query q's candidates (LoRAuter's out-of-domain regime,
-        where a query's own task adapter is absent from the pool).
+        `exclude[q]` drops task id `exclude[q]` from query q's candidates (LoRAuter's out-of-domain
+        regime, where a query's own task adapter is absent from the pool); such a row gets at most
+        T - 1 tasks, the others up to T.
         """
-        k = min(k, len(self.keys) - (1 if exclude else 0))
-        if k < 1:
-            raise ValueError("no task left to route to")
-        q = _normalise(queries)
-        extra = 1 if exclude else 0
-        scores, ids = self._faiss.search(q, k + extra)
-        if not exclude:
-            return scores, ids
-        out_s, out_i = np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64)
-        for row, drop in enumerate(exclude):
-            keep = ids[row] != (-2 if drop is None else drop)
-            out_s[row], out_i[row] = scores[row][keep][:k], ids[row][keep][:k]
-        return out_s, out_i
+        queries = np.asarray(queries)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"query embeddings of shape {queries.shape}; this index takes (n, {self.dim})")
+        drops = exclude if exclude is not None else [None] * len(queries)
+        if len(drops) != len(queries) or k < 1:
+            raise ValueError(f"need k >= 1 (got {k}) and one exclusion (or None) per query")
+        scores, ids = self._faiss.search(normalise(queries), min(k + 1, len(self.keys)))
+        out = []
+        for s, i, drop in zip(scores, ids, drops):
+            keep = i != drop if drop is not None else np.ones(len(i), bool)
+            if not keep.any():
+                raise ValueError("no task left to route to")
+            out.append((s[keep][:k], i[keep][:k]))
+        return out
 
     def save(self, path: Path) -> None:
         np.savez(path, keys=np.array(self.keys), centroids=self.centroids, embeddings=self.embeddings, labels=self.labels)

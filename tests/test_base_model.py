@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from routing.base_models import base_model_id, load_causal_lm
+from routing.base_models import base_model_id, load_causal_lm, locate_base_model
 from training.base_model import TINY, TINY_TEST, TinyConfig, build_tiny, cache_root, resolve_base_model
 
 
@@ -75,6 +76,11 @@ def test_config_digest_and_validation():
 
 def test_resolve_base_model_paths_and_errors(tiny, tmp_path):
     assert resolve_base_model(str(tiny)) == tiny.resolve()
+    mounted = shutil.copytree(tiny, tmp_path / "mounted-elsewhere")   # same bytes, another directory name
+    assert locate_base_model(base_model_id(tiny), mounted) == mounted
+    (mounted / "config.json").write_text((mounted / "config.json").read_text() + "\n")   # another model now
+    with pytest.raises(ValueError, match="trained on tiny-"):
+        locate_base_model(base_model_id(tiny), mounted)
     with pytest.raises(ValueError, match="tiny, tiny-test, smollm2"):
         resolve_base_model("gpt-17")
     with pytest.raises(ValueError, match="without config.json"):

@@ -163,3 +163,29 @@ def test_derive_adds_a_router_as_a_new_version(tmp_path, parts):
     assert child.keys == cat.keys and child.adapter_path("fin/a").joinpath("adapter_model.safetensors").is_file()
     with pytest.raises(CatalogError, match="no trained 'selector' router"):
         child.router_path("selector")
+
+
+def test_refuses_an_adapter_the_fused_layers_cannot_serve_and_leaves_nothing_behind(tmp_path, parts):
+    base, adapters, tasks, index = parts
+    config = adapters["med/b"] / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "use_dora": True}))
+    with pytest.raises(CatalogError, match="task med/b: adapter 'med/b' .*DoRA"):
+        _write(tmp_path, parts)
+    assert not (tmp_path / "cat").exists() and not list(tmp_path.glob(".new-catalog.*"))
+
+
+def test_routers_trained_on_another_task_set_are_refused_and_not_carried(tmp_path, parts):
+    base, adapters, tasks, index = parts
+    cat = _write(tmp_path, parts)
+    router = tmp_path / "router"
+    router.mkdir()
+    (router / "labels.json").write_text(json.dumps(["fin/a", "med/b"]))
+    child = derive_catalog(cat, tmp_path / "child", router_dirs={"classifier": router})
+    assert child.routers == {"classifier": "routers/classifier"}
+    # A task set without med/b: the classifier scores med/b, so the new version leaves it behind.
+    fewer = derive_catalog(child, tmp_path / "fewer", tasks={"fin/a": tasks["fin/a"]},
+                           index=TaskIndex.from_embeddings(np.eye(2, dtype=np.float32), ["fin/a", "fin/a"]))
+    assert fewer.keys == ["fin/a"] and fewer.routers == {}
+    (router / "labels.json").write_text(json.dumps(["fin/a"]))
+    with pytest.raises(CatalogError, match=r"router classifier scores tasks \['fin/a'\], but the catalog lists"):
+        derive_catalog(cat, tmp_path / "stale", router_dirs={"classifier": router})

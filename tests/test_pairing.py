@@ -1,8 +1,11 @@
 """Successive Halving pairing on real adapters: weak and mismatched adapters lose to the right one."""
 
+import json
+
 import pytest
 
 from routing.catalog import CatalogError
+from routing.lora import AdapterLoadError
 from routing.pairing import HalvingConfig, successive_halving
 from routing.pseudo_tasks import pseudo_task_index
 from training.adapter import TrainSpec, train_adapters
@@ -25,6 +28,9 @@ def test_halving_schedule_and_budget():
     assert res.evaluations == 5 * 4 + 3 * 8 + 2 * 16 < 5 * 100
     with pytest.raises(ValueError):
         successive_halving([], 10, score)
+    # keep = 0.6 of two candidates rounds up to both: one must still drop, or the loop never ends.
+    res = successive_halving(["a", "b"], 100, score, HalvingConfig(keep=0.6))
+    assert res.winner == "b" and len(res.rounds) == 1
 
 
 def test_pseudo_tasks_recover_clusters(encoder):
@@ -56,9 +62,21 @@ def test_pair_picks_each_tasks_own_adapter_over_weak_and_mismatched(tmp_path, ti
         assert report["tasks"][key]["evaluations"] < report["tasks"][key]["uniform_evaluations"]
 
 
-def test_pool_must_be_a_directory_of_adapters(tmp_path):
+def test_pool_must_be_a_directory_of_adapters_the_catalog_can_serve(tmp_path):
     (tmp_path / "file.jsonl").write_text("")
     with pytest.raises(CatalogError, match="not a directory of adapters"):
-        adapter_pool(tmp_path / "file.jsonl")
+        adapter_pool(tmp_path / "file.jsonl", "tiny-test")
     with pytest.raises(CatalogError, match="no adapters"):
-        adapter_pool(tmp_path)
+        adapter_pool(tmp_path, "tiny-test")
+    adapter = tmp_path / "a"
+    adapter.mkdir()
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "base_model_name_or_path": "tiny-other"}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(CatalogError, match="adapter 'a' .* trained on base model 'tiny-other'"):
+        adapter_pool(tmp_path, "tiny-test")
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(AdapterLoadError, match="adapter 'a' .*DoRA"):
+        adapter_pool(tmp_path, "tiny-test")
+    (adapter / "adapter_config.json").write_text("{")
+    with pytest.raises(AdapterLoadError, match="adapter 'a' .*not valid JSON"):
+        adapter_pool(tmp_path, "tiny-test")

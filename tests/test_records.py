@@ -127,6 +127,11 @@ def test_split_per_task_is_deterministic_and_disjoint():
     kept, held = split_per_task(records, 0.1, seed=7)
     assert len(held) == 6 and not set(kept) & set(held)
     assert split_per_task(records, 0.1, seed=7) == (kept, held)
+    solo = Record("", "only", "a", "fin", "solo")
+    kept, held = split_per_task([*records, solo], 0.1, seed=7)
+    assert solo in kept and len(held) == 6   # a task's last row is never held out
+    with pytest.raises(ValueError, match="fraction 1.0 is not between 0 and 1"):
+        split_per_task(records, 1.0)
 
 
 def test_train_test_records_takes_a_given_or_the_trees_test_split_else_holds_out_its_own(tmp_path):

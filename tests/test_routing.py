@@ -86,6 +86,29 @@ def test_ood_exclusion_and_evaluation(catalog, encoder):
     assert ood["top1_task_acc"] == 0.0  # the own task is never proposed
 
 
+def test_index_search_excludes_per_row_and_checks_shapes():
+    index = TaskIndex.from_embeddings(np.eye(3, dtype=np.float32), ["a/x", "b/y", "c/z"])
+    (s0, i0), (s1, i1) = index.search(np.eye(3, dtype=np.float32)[:2], 3, exclude=[0, None])
+    assert list(i0) == [1, 2] or list(i0) == [2, 1]
+    assert len(i1) == 3 and i1[0] == 1          # a row that excludes nothing keeps every task
+    solo = TaskIndex.from_embeddings(np.ones((1, 3), np.float32), ["a/x"])
+    assert list(solo.search(np.ones((1, 3)), 1, exclude=[None])[0][1]) == [0]
+    with pytest.raises(ValueError, match="no task left"):
+        solo.search(np.ones((1, 3)), 1, exclude=[0])
+    with pytest.raises(ValueError, match=r"shape \(1, 4\); this index takes \(n, 3\)"):
+        index.search(np.ones((1, 4)), 1)
+    with pytest.raises(ValueError, match="sample labels"):
+        TaskIndex(["a/x"], np.ones((1, 3), np.float32), np.ones((2, 3), np.float32), np.array([0, 1]))
+
+
+def test_top3_accuracy_ranks_three_tasks_whatever_top_k(catalog, encoder):
+    router = make_router("centroid", catalog)
+    texts, keys = [q for q, _ in QUERIES], [k for _, k in QUERIES]
+    wrong = [keys[1], keys[2], keys[0]]   # every truth ranks second or third, never first
+    res = evaluate_routing(router, texts, wrong, embed=encoder.encode, top_k=1)
+    assert res["top1_task_acc"] == 0.0 and res["top3_task_acc"] == 1.0
+
+
 def test_bad_requests_and_unknown_task(catalog):
     with pytest.raises(ValueError, match="text is empty"):
         RouteRequest("  ")

@@ -81,7 +81,10 @@ def test_update_add_and_delete(selector_catalog, tiny_base):
     dose = _pick("test", (NEW,))
     assert sum(d.top == NEW for d in router.route([RouteRequest(r.input) for r in dose])) / len(dose) >= 0.8
 
-    deleted = update_selector(added, "delete", work / "deleted", tiny_base, ratio=1.0, delete=["legal/motion"],
+    with pytest.raises(ValueError, match="delete takes no records"):
+        update_selector(added, "delete", work / "x", ratio=1.0, delete=["legal/motion"], new_records=dose)
+    # No base model given: the one the selector was trained on, found in the cache by its id.
+    deleted = update_selector(added, "delete", work / "deleted", ratio=1.0, delete=["legal/motion"],
                               train=FAST, progress=False)
     assert "legal/motion" not in deleted.keys and "legal/motion" not in deleted.index.keys
     with pytest.raises(ValueError, match="unknown"):

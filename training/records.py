@@ -223,12 +223,15 @@ def group_by_task(records: Iterable[Record]) -> dict[str, list[Record]]:
 
 
 def split_per_task(records: Iterable[Record], fraction: float, seed: int = 0) -> tuple[list[Record], list[Record]]:
-    """Hold out `fraction` of every task (at least one row), deterministically by `seed`."""
+    """Hold out `fraction` of every task, deterministically by `seed`: at least one row, and never a
+    task's last one (a task with nothing to learn from would score as certain misses)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"held-out fraction {fraction} is not between 0 and 1")
     kept, held = [], []
     for key, rows in group_by_task(records).items():
         rows = list(rows)
         random.Random(f"{seed}:{key}").shuffle(rows)
-        n = max(1, round(len(rows) * fraction))
+        n = min(max(1, round(len(rows) * fraction)), len(rows) - 1)
         held += rows[:n]
         kept += rows[n:]
     return kept, held

@@ -16,13 +16,14 @@ from typing import Literal
 
 import numpy as np
 
-from routing.catalog import Catalog, CatalogError, TaskEntry, check_new_catalog_dir, derive_catalog
+from routing.base_models import locate_base_model
+from routing.catalog import LABELS_FILE, Catalog, CatalogError, TaskEntry, check_new_catalog_dir, derive_catalog
 from routing.encoder import shared_encoder
-from routing.selector_model import LABELS_FILE, SELECTOR_TEMPLATE, label_text
+from routing.selector_model import SELECTOR_TEMPLATE, label_text
 from routing.task_index import TaskIndex
 from routing.templates import template_for
 
-from .adapter import LoraSpec, TrainSpec, train_adapter
+from .adapter import DONE_MARKER, LoraSpec, TrainSpec, train_adapter
 from .records import Record, TextMode, group_by_task, load_records, write_jsonl
 from .selection import select_representatives
 
@@ -70,12 +71,13 @@ def retained(selection: list[Record], ratio: float, keep: set[str], seed: int = 
     return out
 
 
-def update_selector(catalog: Catalog, op: UpdateOp, out: str | Path, base_model_path: Path, *,
+def update_selector(catalog: Catalog, op: UpdateOp, out: str | Path, base_model_path: Path | None = None, *,
                     ratio: float, new_records: list[Record] = (), delete: list[str] = (), per_task: int = 100,
-                    text_mode: TextMode = "input", lora: LoraSpec = LoraSpec(r=8, alpha=16),
-                    train: TrainSpec = TrainSpec(max_steps=300), seed: int = 0, progress: bool = True) -> Catalog:
-    """Second fine-tuning of the selector (from its trained weights) on new data mixed with `ratio`
-    of the old selection: the AS paper's update, where `ratio` trades forgetting old tasks for cost.
+                    text_mode: TextMode = "input", train: TrainSpec = TrainSpec(max_steps=300), seed: int = 0,
+                    progress: bool = True) -> Catalog:
+    """Second fine-tuning of the selector (from its trained weights, on the base it was trained on:
+    `base_model_path` or else the cached one of that id) on new data mixed with `ratio` of the old
+    selection: the AS paper's update, where `ratio` trades forgetting old tasks for cost.
 
     add:     `new_records` bring new tasks (added to the task index too);
     balance: `new_records` bring more data for existing, poorly separated tasks;
@@ -84,7 +86,12 @@ def update_selector(catalog: Catalog, op: UpdateOp, out: str | Path, base_model_
     check_new_catalog_dir(out)
     if not 0 <= ratio <= 1:
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
-    old = load_records(catalog.router_path("selector") / SELECTION_FILE)
+    selector = catalog.router_path("selector")
+    trained_on = json.loads((selector / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base_model_path = locate_base_model(trained_on, base_model_path)
+    lora = json.loads((selector / DONE_MARKER).read_text())["lora"]   # recorded as what it is: its rank, ...
+    lora = LoraSpec(**{**lora, "target_modules": tuple(lora["target_modules"])})
+    old = load_records(selector / SELECTION_FILE)
     new_keys = {r.key for r in new_records}
     keys = set(catalog.keys)
     if op == "add":
@@ -101,6 +108,8 @@ def update_selector(catalog: Catalog, op: UpdateOp, out: str | Path, base_model_
     elif op == "delete":
         if not delete:
             raise ValueError("delete needs the task keys to delete (--delete)")
+        if new_records:
+            raise ValueError("delete takes no records (--tasks): it only trains on the kept tasks' old data")
         if set(delete) - keys:
             raise ValueError(f"delete needs existing task keys; unknown: {sorted(set(delete) - keys)}")
         keys -= set(delete)
@@ -113,7 +122,7 @@ def update_selector(catalog: Catalog, op: UpdateOp, out: str | Path, base_model_
     tasks, index = _task_set(catalog, labels, new_records, text_mode)
     with tempfile.TemporaryDirectory() as tmp:
         artefact = _train(selection, labels, base_model_path, text_mode, lora, train, progress, Path(tmp),
-                          init=catalog.router_path("selector"))
+                          init=selector)
         return derive_catalog(catalog, out, tasks=tasks, index=index, router_dirs={"selector": artefact})
 
 

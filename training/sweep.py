@@ -64,7 +64,7 @@ def sweep_data(cfg: SweepConfig) -> tuple[dict[str, list[Record]], dict[str, lis
         present = {r.key for r in train}
         swept = present & set(cfg.task) if cfg.task else present   # an absent task is select_tasks' error
         train, val = split_per_task(train, cfg.val_fraction, seed=cfg.train.seed)
-        emptied = sorted(swept - {r.key for r in train})
+        emptied = sorted(swept - {r.key for r in val})   # one record: kept for training, none to score
         if emptied:
             raise ValueError(f"tasks {emptied}: too few records to hold validation rows out of; "
                              f"give them more records or a `val:` file")

@@ -10,11 +10,12 @@ from routing.lora.backend import LoraBackend, TorchReferenceBackend, get_backend
 from routing.lora.batching import plan_batches
 from routing.lora.generate import Generation, generate
 from routing.lora.layer import FusedLoraLinear, RoutingState
-from routing.lora.model import DEFAULT_TARGET_MODULES, AdapterLoadError, FusedLoraModel, LoadedAdapter
+from routing.adapter_config import AdapterLoadError, read_adapter_config
+from routing.lora.model import DEFAULT_TARGET_MODULES, FusedLoraModel, LoadedAdapter
 from routing.lora.store import AdapterStore, CapacityError
 
 __all__ = [
     "DEFAULT_TARGET_MODULES", "AdapterLoadError", "AdapterStore", "CapacityError", "FusedLoraLinear",
     "FusedLoraModel", "Generation", "LoadedAdapter", "LoraBackend", "RoutingState", "TorchReferenceBackend",
-    "generate", "get_backend", "plan_batches",
+    "generate", "get_backend", "plan_batches", "read_adapter_config",
 ]

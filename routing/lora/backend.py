@@ -103,6 +103,4 @@ def get_backend(device: torch.device | str) -> LoraBackend:
     (`if device.type == "cuda" and triton is importable: return TritonBackend()`), tested
     against `TorchReferenceBackend`.
     """
-    device = torch.device(device)
-    # if device.type == "cuda" and _triton_available(): return TritonBackend()
     return TorchReferenceBackend()

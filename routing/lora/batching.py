@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 
 MAX_LENGTH_SPREAD = 2.0
-"""A call's longest prompt is at most this many times any of its rows' (so padding is at most half its prefill)."""
+"""A call's longest prompt is at most this many times any of its rows' (counted as at least
+`SHORT_PROMPT_TOKENS`), so padding is at most half of a call's prefill beyond that floor."""
 
 SHORT_PROMPT_TOKENS = 64
 """Prompts shorter than this count as this long: padding them is cheaper than another `generate` call."""

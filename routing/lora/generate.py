@@ -90,6 +90,8 @@ def generate(fused: FusedLoraModel, tokenizer: PreTrainedTokenizerBase, prompts:
     budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != n or any(int(m) < 1 for m in budgets):
         raise ValueError(f"max_new_tokens must be an int >= 1 or one such per prompt, got {max_new_tokens!r}")
+    if stop is not None and any(isinstance(row, str) for row in stop):   # list("###") would be three stops
+        raise ValueError("stop must hold one list of strings per prompt, not a string")
     stops = [list(s or []) for s in stop] if stop is not None else [[] for _ in range(n)]
     if len(stops) != n or any(s == "" for row in stops for s in row):
         raise ValueError("stop must hold one list of non-empty strings per prompt")

@@ -10,7 +10,6 @@ else (DoRA and other variants, pickled weights, ranks above the slot size, ...) 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 from collections.abc import Iterator, Sequence
@@ -21,26 +20,13 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from routing.adapter_config import AdapterLoadError, adapter_failure, read_adapter_config
 from routing.lora.backend import LoraBackend, get_backend
 from routing.lora.layer import FusedLoraLinear, RoutingState
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-# Config fields that select a LoRA variant with its own forward math (peft marks them
-# `is_lora_variant`); none of them is a plain low-rank delta. `use_dora` has its own message.
-_VARIANT_FIELDS = ("velora_config", "alora_invocation_tokens", "monteclora_config", "use_bdlora",
-                   "arrow_config", "kasa_config", "use_qalora")
-# Fields that make the adapter more than LoRA deltas on the target linears.
-_EXTRA_MODULE_FIELDS = ("modules_to_save", "trainable_token_indices", "target_parameters", "layer_replication")
-# Initialisations that leave the base weights untouched. PiSSA / OLoRA / CorDA / LoRA-GA / LoftQ
-# rewrite the base: such an adapter only works on its own residual base until converted.
-_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
-
 _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
-
-
-class AdapterLoadError(ValueError):
-    """An adapter directory that cannot be served exactly by the fused layers."""
 
 
 @dataclass(frozen=True)
@@ -155,24 +141,14 @@ class FusedLoraModel(nn.Module):
 
     def _read_adapter(self, name: str, path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
         """module name -> (A (r, in), B (out, r), scale), validated against the fused layers."""
-        def fail(msg: str) -> AdapterLoadError:
-            return AdapterLoadError(f"adapter {name!r} ({path}): {msg}")
-
-        config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
-        if not path.is_dir():
-            raise fail("not a directory")
-        if not config_file.is_file():
-            raise fail("no adapter_config.json (not a peft adapter directory)")
+        fail = adapter_failure(name, path)
+        cfg = read_adapter_config(path, name)
+        weights_file = path / "adapter_model.safetensors"
         if not weights_file.is_file():
             if (path / "adapter_model.bin").is_file():
                 raise fail("only adapter_model.bin, a pickle, which is refused (loading it can run arbitrary "
                            "code); re-save with save_pretrained(..., safe_serialization=True)")
             raise fail("no adapter_model.safetensors")
-        try:
-            cfg = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise fail(f"adapter_config.json is not valid JSON: {e}") from None
-        self._check_config(cfg, fail)
 
         r_default, alpha_default = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
         rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
@@ -215,32 +191,6 @@ class FusedLoraModel(nn.Module):
                 raise fail(f"module {module!r}: weights are {a.dtype}/{b.dtype}, not floating point")
             deltas[module] = (a, b, scale)
         return deltas
-
-    @staticmethod
-    def _check_config(cfg: dict, fail) -> None:
-        if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
-            raise fail(f"peft_type is {cfg.get('peft_type')!r}, only LORA adapters are served")
-        if cfg.get("use_dora"):
-            raise fail("DoRA (use_dora=true) is refused: serving it exactly would need the per-adapter "
-                       "magnitude path (its magnitude vector rescales each output by the norm of W + BA, "
-                       "which is not an additive low-rank delta), which the fused multi-LoRA layer does "
-                       "not have; peft's mixed batches refuse DoRA too. Merge it into a base copy instead")
-        for f in _VARIANT_FIELDS:
-            if cfg.get(f):
-                raise fail(f"LoRA variant {f}={cfg[f]!r} changes the forward math; only plain LoRA is served")
-        if cfg.get("fan_in_fan_out"):
-            raise fail("fan_in_fan_out=true (Conv1D-style weights) is refused rather than silently transposed")
-        if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
-            raise fail(f"trains biases (bias={cfg.get('bias')!r}, lora_bias={cfg.get('lora_bias')!r}); "
-                       "the fused layers serve weight deltas only")
-        for f in _EXTRA_MODULE_FIELDS:
-            if cfg.get(f):
-                raise fail(f"{f}={cfg[f]!r}: the adapter changes more than LoRA deltas on the target linears")
-        init = cfg.get("init_lora_weights", True)
-        if init not in _PLAIN_INITS:
-            raise fail(f"init_lora_weights={init!r} rewrites the base weights, so it only works on its own "
-                       "residual base; convert it to a plain LoRA first: save_pretrained(out, "
-                       "path_initial_model_for_weight_conversion=<dir of the untrained adapter>)")
 
     # ---- routing --------------------------------------------------------------------------------
 

@@ -22,9 +22,8 @@ class CentroidRouter(Router):
         queries = np.stack([r.embedding for r in requests])
         k = max(r.top_k for r in requests)
         exclude = [position.get(r.exclude) for r in requests] if any(r.exclude for r in requests) else None
-        scores, ids = index.search(queries, k, exclude)
         out = []
-        for r, s, i in zip(requests, scores, ids):
+        for r, (s, i) in zip(requests, index.search(queries, k, exclude)):
             s, i = s[: r.top_k], i[: r.top_k]
             weights = softmax(s, r.temperature)
             out.append(self._decision([(index.keys[t], w) for t, w in zip(i, weights)], list(s)))

@@ -115,12 +115,12 @@ def domain_soft_targets(keys: list[str], smoothing: float) -> torch.Tensor:
     return t
 
 
-def load_classifier(path: Path, keys: list[str]) -> tuple[TaskClassifier, object, list[str], dict]:
+def load_classifier(path: Path) -> tuple[TaskClassifier, object, list[str], dict]:
     """(model in eval mode, tokenizer, labels, settings) from an artefact directory."""
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoTokenizer
 
-    labels, settings = read_artefact(path, keys, "classifier")
+    labels, settings = read_artefact(path, "classifier")
     try:
         head = load_file(str(path / HEAD_FILE))
     except OSError as e:
@@ -141,7 +141,7 @@ class ClassifierRouter(ProbabilisticRouter):
 
     def __init__(self, catalog: Catalog):
         path = catalog.router_path("classifier")   # CatalogError when the catalog has none
-        self.model, self.tokenizer, labels, self.settings = load_classifier(path, catalog.keys)
+        self.model, self.tokenizer, labels, self.settings = load_classifier(path)
         super().__init__(catalog, labels)
         self.prefix: str = self.settings.get("prefix", "")
         self.max_length: int = int(self.settings.get("max_length", 128))

@@ -107,7 +107,7 @@ class LexicalRouter(ProbabilisticRouter):
 
     def __init__(self, catalog: Catalog):
         path = catalog.router_path("lexical")   # CatalogError when the catalog has none
-        labels, self.settings = read_artefact(path, catalog.keys, "lexical")
+        labels, self.settings = read_artefact(path, "lexical")
         self.model = LexicalModel.load(path)
         if self.model.coef.shape[0] != len(labels):
             raise CatalogError(f"lexical {path}: {self.model.coef.shape[0]} weight rows for {len(labels)} labels")

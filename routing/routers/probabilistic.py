@@ -21,33 +21,23 @@ from pathlib import Path
 
 import numpy as np
 
-from ..catalog import Catalog, CatalogError
+from ..catalog import LABELS_FILE, Catalog, CatalogError, router_labels
 from ..decision import DEFAULT_TEMPERATURE, RouteDecision, RouteRequest
 from .base import Router
 
-LABELS_FILE = "labels.json"
 SETTINGS_FILE = "router.json"
 
 
-def read_artefact(path: Path, keys: list[str], kind: str) -> tuple[list[str], dict]:
-    """(labels, settings) of a trained artefact; CatalogError unless its labels are exactly `keys`."""
+def read_artefact(path: Path, kind: str) -> tuple[list[str], dict]:
+    """(labels, settings) of a trained artefact. The catalog checked its labels against its tasks on load."""
     try:
-        labels = json.loads((path / LABELS_FILE).read_text())
+        labels = router_labels(path)
         settings = json.loads((path / SETTINGS_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CatalogError(f"{kind} {path}: unreadable artefact ({e})") from None
-    check_labels(labels, keys, kind, path)
+    if labels is None:
+        raise CatalogError(f"{kind} {path}: unreadable artefact (no {LABELS_FILE})")
     return labels, settings
-
-
-def check_labels(labels: object, keys: list[str], kind: str, path: Path) -> None:
-    """CatalogError unless a trained artefact's `labels` are exactly the catalog's task set, in any order."""
-    if not isinstance(labels, list) or len(set(labels)) != len(labels) or set(labels) != set(keys):
-        extra = sorted(set(labels) - set(keys)) if isinstance(labels, list) else labels
-        missing = sorted(set(keys) - set(labels)) if isinstance(labels, list) else keys
-        raise CatalogError(f"{kind} {path} was trained for other tasks than this catalog's: "
-                           f"labels not in the catalog {extra}, catalog tasks it cannot predict {missing}; "
-                           f"retrain it on this catalog")
 
 
 def write_artefact(out: Path, labels: list[str], settings: dict) -> None:
@@ -99,6 +89,9 @@ class ProbabilisticRouter(Router):
         z = logits.astype(np.float64).copy()
         if exclude is not None and exclude in self._position:
             z[self._position[exclude]] = -np.inf
+        if np.isnan(z).any() or not np.isfinite(z.max()):
+            raise ValueError(f"the {self.name} router has no task left to route to" if z.max() == -np.inf
+                             else f"the {self.name} router produced non-finite scores")
         z = np.exp(z - z.max())
         return z / z.sum()
 

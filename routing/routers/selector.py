@@ -4,7 +4,7 @@ import numpy as np
 
 from ..catalog import Catalog
 from ..selector_model import SelectorModel
-from .probabilistic import ProbabilisticRouter, check_labels
+from .probabilistic import ProbabilisticRouter
 
 
 class SelectorRouter(ProbabilisticRouter):
@@ -19,9 +19,7 @@ class SelectorRouter(ProbabilisticRouter):
     artefacts = ("selector",)
 
     def __init__(self, catalog: Catalog, model: SelectorModel | None = None):
-        path = catalog.router_path(self.name)   # CatalogError when the catalog has none
-        model = model or SelectorModel(path)
-        check_labels(model.labels, catalog.keys, self.name, path)
+        model = model or SelectorModel(catalog.router_path(self.name))   # CatalogError when the catalog has none
         super().__init__(catalog, model.labels)
         self.model = model
 
