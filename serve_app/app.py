@@ -13,12 +13,10 @@ from .ingress import Ingress
 from .router import RouterDeployment
 from .selector import Selector
 
-APP_NAME = "switchboard"
-
 
 def build_app(args: dict) -> Application:
     """Ingress -> Router (-> Embedder) and Ingress -> Generator, each its own deployment and replicas."""
-    cfg = AppArgs(**args).model_dump()  # fail at build time, in the caller's terminal, on bad args
+    cfg = AppArgs(**args).model_dump()  # bad args fail the build, before any replica starts
     has_selector = "selector" in Catalog.load(cfg["catalog"], verify=False).routers
     router = RouterDeployment.options(name="Router").bind(cfg, Embedder.bind(cfg),
                                                          Selector.bind(cfg) if has_selector else None)

@@ -49,6 +49,14 @@ def _positive(value: str) -> int:
     return n
 
 
+def _port(value: str) -> int:
+    """argparse type: a TCP port."""
+    n = int(value)
+    if not 1 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port in 1..65535, got {n}")
+    return n
+
+
 def _seed(value: str) -> int:
     """argparse type: a seed every library here accepts (FAISS takes a C int)."""
     n = int(value)
@@ -147,16 +155,27 @@ def cmd_eval_routing(a: argparse.Namespace) -> dict:
 def cmd_serve(a: argparse.Namespace) -> dict:
     import time
 
+    from routing.base_models import locate_base_model
     from routing.catalog import Catalog
 
     from . import launch
+    from .config import AppArgs
 
-    Catalog.load(a.catalog)   # refuse a bad catalog here, not inside the replicas after Ray has started
+    # Refuse what would fail inside the replicas here, before Ray starts: the catalog, the app's args,
+    # the base model the catalog's adapters were trained on.
+    catalog = Catalog.load(a.catalog)
     args = {"catalog": str(Path(a.catalog).resolve())}
     if a.base_model:
-        args["base_model"] = str(Path(a.base_model).resolve())
+        args["base_model"] = str(_base_model(a.base_model)[1])
     config = launch.load_config(a.config or launch.DEFAULT_CONFIG, args, grpc_port=a.grpc_port, http_port=a.http_port)
-    launch.start(config)
+    app_args = AppArgs(**config["applications"][0]["args"])
+    if catalog.base_model is not None:
+        locate_base_model(catalog.base_model["id"], app_args.base_model)
+    try:
+        launch.start(config)
+    except KeyboardInterrupt:
+        launch.stop()
+        return {"stopped": True}
     port = config["grpc_options"].get("port", 9000)   # Serve's default
     print(f"serving catalog {a.catalog} on gRPC port {port}; Ctrl-C stops", file=sys.stderr)
     try:
@@ -204,7 +223,8 @@ def cmd_selector_update(a: argparse.Namespace) -> dict:
 
     catalog = Catalog.load(a.catalog)
     new_records = load_records(a.tasks, a.files) if a.tasks else []
-    new = update_selector(catalog, a.op, a.out, _base_model(a.base_model)[1], ratio=a.ratio, new_records=new_records,
+    base = _base_model(a.base_model)[1] if a.base_model else None   # None: the selector's own, from the cache
+    new = update_selector(catalog, a.op, a.out, base, ratio=a.ratio, new_records=new_records,
                           delete=a.delete or [], per_task=a.per_task, text_mode=a.text)
     return _catalog_summary(new)
 
@@ -235,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = command("demo", cmd_demo, "corpus, base model, adapters, catalog, Serve app, gRPC evaluation, report")
     c.add_argument("--base-model", **base)
     c.add_argument("--workdir", default="runs/demo")
-    c.add_argument("--grpc-port", type=int, default=9000)
+    c.add_argument("--grpc-port", type=_port, default=9000)
 
     train = sub.add_parser("train", help="train adapters or routers").add_subparsers(dest="what", required=True)
     c = command("adapter", cmd_train_adapter, "train one LoRA adapter per task into OUT/<domain>/<task>", train)
@@ -287,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--files", **files)
     c.add_argument("--delete", action="append", help="task key to delete (repeatable)")
     c.add_argument("--out", required=True)
-    c.add_argument("--base-model", **base)
+    c.add_argument("--base-model", help="the selector's base model (default: the one it trained on, from the cache)")
     c.add_argument("--text", default="input", **text)
     c.add_argument("--per-task", type=_positive, default=100)
 
@@ -314,8 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--catalog", required=True)
     c.add_argument("--config", default=None, help="Serve config YAML (default: serve_app/serve_config.yaml)")
     c.add_argument("--base-model", help="base model directory (default: found in the cache by the catalog's id)")
-    c.add_argument("--grpc-port", type=int)
-    c.add_argument("--http-port", type=int)
+    c.add_argument("--grpc-port", type=_port)
+    c.add_argument("--http-port", type=_port)
 
     ev = sub.add_parser("eval", help="evaluate routing").add_subparsers(dest="what", required=True)
     c = command("routing", cmd_eval_routing, "routing accuracy of a router on labelled records", ev)

@@ -12,7 +12,7 @@ import grpc
 from protos.switchboard.v1 import switchboard_pb2 as pb
 from protos.switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
-from .app import APP_NAME
+from .contract import APP_NAME
 
 
 class SwitchboardClient:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from routing.catalog import Catalog
 from routing.decision import DEFAULT_TEMPERATURE, MAX_TOP_K, TEMPERATURE_RANGE
@@ -41,6 +41,13 @@ class AppArgs(BaseModel):
         if not (Path(v) / "catalog.json").is_file():
             raise ValueError(f"{v} is not a catalog directory (no catalog.json)")
         return str(Path(v).resolve())
+
+    @model_validator(mode="after")
+    def _defaults_fit(self) -> "AppArgs":
+        if self.default_top_k > self.max_loras:
+            raise ValueError(f"default_top_k {self.default_top_k} > max_loras {self.max_loras}: a default request "
+                             f"would fuse more adapters than a Generator replica holds")
+        return self
 
 
 class LiveConfig(BaseModel):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import torch
 from ray import serve
@@ -10,7 +12,7 @@ from routing.encoder import Encoder
 from .config import AppArgs
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=128)
 class Embedder:
     """The sentence encoder named by the catalog; concurrent requests are encoded as one batch."""
 
@@ -22,4 +24,4 @@ class Embedder:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def embed(self, texts: list[str]) -> list[np.ndarray]:
-        return list(self.encoder.encode(texts))
+        return list(await asyncio.to_thread(self.encoder.encode, texts))

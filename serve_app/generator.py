@@ -4,8 +4,8 @@ import asyncio
 import logging
 import os
 import threading
+from dataclasses import replace
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,33 +13,16 @@ from ray import serve
 
 from routing.base_models import load_causal_lm, locate_base_model
 from routing.catalog import Catalog, CatalogError
-from routing.decision import RouteDecision
 from routing.lora import AdapterStore, FusedLoraModel, Generation, generate, plan_batches
 from routing.templates import render
 
 from .config import AppArgs, catalog_switch
+from .contract import CatalogChangedError, GenerationJob, PromptTooLongError
 
 log = logging.getLogger("ray.serve")
 
 
-class CatalogChangedError(RuntimeError):
-    """The request was routed on a catalog version this replica has switched away from (retryable)."""
-
-
-class PromptTooLongError(ValueError):
-    """The rendered prompt leaves no room in the base model's context for even one new token."""
-
-
-@dataclass(frozen=True)
-class GenerationJob:
-    text: str
-    decision: RouteDecision
-    max_new_tokens: int
-    stop: tuple[str, ...] = ()
-    base_only: bool = False
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 class Generator:
     """Base model + every catalog adapter in fused multi-LoRA layers.
 
@@ -69,7 +52,7 @@ class Generator:
         Dropped adapters are evicted and new ones load on demand. The swap takes the batch lock, so
         the batch running now finishes on the old version and every later batch runs on the new one.
         """
-        catalog = catalog_switch(user_config, self.catalog)
+        catalog = await asyncio.to_thread(catalog_switch, user_config, self.catalog)
         if catalog is None:
             return
         if _max_rank(catalog) > self.fused.max_rank:
@@ -92,7 +75,7 @@ class Generator:
         """Answers by row: first the rows refused up front, then each planned `generate` call's as soon
         as it returns (`plan_batches` runs the short prompts first). An error stays with the request at fault."""
         with self.lock:  # the store, the catalog and the layers' routing state serve one batch at a time
-            tasks = self.catalog.tasks
+            tasks, jobs = self.catalog.tasks, list(jobs)
             prompts: dict[int, str] = {}
             lengths: dict[int, int] = {}   # prompt tokens
             refused: dict[int, Exception] = {}
@@ -107,6 +90,8 @@ class Generator:
                 if self.context is not None and lengths[i] >= self.context:
                     refused[i] = PromptTooLongError(f"the prompt is {lengths[i]} tokens; the base model's "
                                                     f"context is {self.context}")
+                elif self.context is not None:   # the answer stops at the context's end (finish_reason "length")
+                    jobs[i] = replace(j, max_new_tokens=min(j.max_new_tokens, self.context - lengths[i]))
             if refused:
                 yield refused
             live = [i for i in prompts if i not in refused]

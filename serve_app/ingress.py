@@ -4,7 +4,8 @@ Method names match `protos/switchboard/v1/switchboard.proto`; Serve's gRPC proxy
 request message and a `grpc_context`. No exception escapes to the client as a traceback: bad input
 is INVALID_ARGUMENT, an unknown task NOT_FOUND, a request caught in a catalog switch UNAVAILABLE
 (retry), anything else INTERNAL with a request id to look up
-in the replica's log.
+in the replica's log. Only errors that are the client's (`BadRequestError`) are INVALID_ARGUMENT; Serve
+saying no replica can take the request now (back-pressure, replicas down) is UNAVAILABLE (retry).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import uuid
 import grpc
 from ray import serve
 from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from protos.switchboard.v1 import switchboard_pb2 as pb
@@ -24,7 +26,7 @@ from routing.decision import RouteDecision, RouteRequest
 from routing.routers import UnknownTaskError
 
 from .config import MAX_NEW_TOKENS_LIMIT, AppArgs
-from .generator import CatalogChangedError, GenerationJob
+from .contract import BadRequestError, CatalogChangedError, GenerationJob
 
 log = logging.getLogger("ray.serve")
 
@@ -36,7 +38,9 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, CatalogChangedError):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
-    if isinstance(exc, ValueError):
+    if isinstance(exc, (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)):
+        return grpc.StatusCode.UNAVAILABLE, f"the server is busy or restarting; retry ({type(exc).__name__})"
+    if isinstance(exc, BadRequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     return None
 
@@ -70,7 +74,7 @@ def _decision_pb(d: RouteDecision) -> pb.RouteDecision:
                             router=d.router, catalog_version=d.catalog_version)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
 class Ingress:
     def __init__(self, args: dict, router: DeploymentHandle, generator: DeploymentHandle):
         self.cfg = AppArgs(**args)
@@ -79,14 +83,19 @@ class Ingress:
 
     async def _route(self, text: str, opts: pb.RouteOptions) -> tuple[RouteDecision, float]:
         if opts.top_k < 0 or opts.temperature < 0:
-            raise ValueError("top_k and temperature must not be negative")
-        request = RouteRequest(text, top_k=opts.top_k or self.cfg.default_top_k,
-                               temperature=opts.temperature or self.cfg.temperature, task=opts.task or None)
+            raise BadRequestError("top_k and temperature must not be negative")
+        if opts.top_k > self.cfg.max_loras:
+            raise BadRequestError(f"top_k {opts.top_k}: this server fuses at most {self.cfg.max_loras} adapters")
+        try:
+            request = RouteRequest(text, top_k=opts.top_k or self.cfg.default_top_k,
+                                   temperature=opts.temperature or self.cfg.temperature, task=opts.task or None)
+        except ValueError as e:
+            raise BadRequestError(str(e)) from None
         name = opts.router or ("fixed" if opts.task else self.cfg.default_router)
         if name == "fixed" and not opts.task:
-            raise ValueError("the fixed router needs route.task")
+            raise BadRequestError("the fixed router needs route.task")
         if name != "fixed" and opts.task:   # silently routing elsewhere would hide the client's mistake
-            raise ValueError(f"route.task is for the fixed router; router {name!r} picks the task from the text "
+            raise BadRequestError(f"route.task is for the fixed router; router {name!r} picks the task from the text "
                              f"(leave route.router empty or set it to 'fixed')")
         started = time.perf_counter()
         decision = await self.router.route.remote(request, name)
@@ -95,7 +104,7 @@ class Ingress:
     @grpc_errors(pb.GenerateResponse)
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         if not 0 <= request.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            raise ValueError(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS_LIMIT} (0 = default)")
+            raise BadRequestError(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS_LIMIT} (0 = default)")
         decision, route_ms = await self._route(request.text, request.route)
         job = GenerationJob(request.text, decision, request.max_new_tokens or self.cfg.max_new_tokens,
                             tuple(s for s in request.stop if s), request.base_only)

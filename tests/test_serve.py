@@ -6,10 +6,13 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from routing.decision import RouteDecision
+from routing.decision import RouteDecision, RouteRequest
+from routing.routers import UnknownTaskError, make_router
 from serve_app import launch
 from serve_app.client import SwitchboardClient
-from serve_app.generator import GenerationJob, Generator
+from serve_app.contract import GenerationJob
+from serve_app.generator import Generator
+from serve_app.router import route_grouped
 from training.adapter import TrainSpec, train_adapters
 from training.catalog_build import build_catalog
 from training.demo_corpus import demo_records
@@ -88,6 +91,23 @@ def test_selector_deployment_routes_over_grpc(served):
     assert sum(d.decision.tasks[0].task == r.key for d, r in zip(replies, test)) >= 0.8 * len(test)
     answer = client.generate(test[0].input, router="selector", max_new_tokens=4)
     assert answer.decision.router == "selector" and answer.decision.catalog_version == catalog.version
+
+
+def test_the_router_batches_and_an_error_stays_with_its_request(served):
+    client, catalog, test = served
+    fixed = make_router("fixed", catalog)
+    out = route_grouped([fixed] * 3, [RouteRequest("x", task=k) for k in (KEYS[0], "fin/nope", KEYS[1])])
+    assert [out[0].top, out[2].top] == list(KEYS[:2]) and isinstance(out[1], UnknownTaskError)
+
+    def send(task: str):
+        try:
+            return client.route(test[0].input, task=task).decision.tasks[0].task
+        except grpc.RpcError as e:
+            return e.code()
+
+    tasks = [*KEYS, "fin/nope", *KEYS]
+    with ThreadPoolExecutor(len(tasks)) as pool:
+        assert list(pool.map(send, tasks)) == [*KEYS, grpc.StatusCode.NOT_FOUND, *KEYS]
 
 
 def test_concurrent_mixed_requests_batch_and_agree_with_single_requests(served):
@@ -194,7 +214,7 @@ def test_catalog_switch_in_place_keeps_replicas_and_in_flight_requests(app, tiny
     `user_config`: same Generator process, base model not reloaded, requests in flight all answered."""
     from ray import serve
 
-    from serve_app.app import APP_NAME
+    from serve_app.contract import APP_NAME
 
     keys = ("fin/sentiment", "legal/plaintiff", "fin/ticker")  # med/dose dropped, fin/ticker added
     adapters = app.work / "adapters"
