@@ -93,6 +93,16 @@ def test_selector_deployment_routes_over_grpc(served):
     assert answer.decision.router == "selector" and answer.decision.catalog_version == catalog.version
 
 
+def test_the_app_refuses_a_default_router_its_catalog_does_not_carry(app):
+    from serve_app.app import build_app
+
+    for name in ("classifier", "fixed", "oracle"):
+        with pytest.raises(ValueError, match=f"default_router '{name}'"):
+            build_app({"catalog": str(app.catalog.root), "default_router": name})
+    with pytest.raises(ValueError, match="default_top_k 3 > max_loras 2"):
+        build_app({"catalog": str(app.catalog.root), "default_top_k": 3, "max_loras": 2})
+
+
 def test_the_router_batches_and_an_error_stays_with_its_request(served):
     client, catalog, test = served
     fixed = make_router("fixed", catalog)

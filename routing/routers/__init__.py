@@ -63,4 +63,4 @@ def make_routers(catalog: Catalog, names: Iterable[str] = ROUTERS) -> dict[str, 
     return routers
 
 
-__all__ = ["AUTO", "ROUTERS", "Router", "UnknownTaskError", "best_router", "make_router", "make_routers"]
+__all__ = ["AUTO", "ROUTERS", "Router", "UnknownTaskError", "best_router", "carries", "make_router", "make_routers"]
