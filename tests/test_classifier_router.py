@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from routing.catalog import CatalogError, TaskEntry, write_catalog
+from routing.catalog import Catalog, CatalogError, TaskEntry, write_catalog
 from routing.decision import RouteRequest
 from routing.routers import make_router
 from routing.routers.classifier import ClassifierRouter, domain_soft_targets
@@ -184,3 +184,19 @@ def test_domain_soft_targets_and_temperature_scaling():
     assert 0.7 < fit_temperature(logits * 3, truth) / 3 / fit_temperature(logits, truth) < 1.3   # scale-equivariant
     assert fit_temperature(logits, truth) < 1 < fit_temperature(-logits, truth)   # sharpen right ones, flatten wrong ones
     assert fit_temperature(10.0 * np.eye(4)[truth], truth) == 1.0   # all right: no minimum, no sharpening
+
+
+@pytest.mark.parametrize("kind, file, damage", [
+    ("lexical", "lexical.safetensors", lambda b: b[: len(b) // 2]),                # truncated
+    ("lexical", "vocabulary.json", lambda b: b"{}"),                               # entries missing
+    ("classifier", "head.safetensors", lambda b: b"not safetensors"),
+    ("classifier", "router.json", lambda b: b"[1]"),                               # not an object
+])
+def test_a_damaged_artefact_is_refused_by_name(trained, tmp_path, kind, file, damage):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained.root, copy)
+    target = copy / trained.routers[kind] / file
+    target.write_bytes(damage(target.read_bytes()))
+    damaged = Catalog.load(copy, verify=False)
+    with pytest.raises(CatalogError, match=f"{kind} .*unreadable artefact"):
+        TRAINED_ROUTERS[kind](damaged)

@@ -117,19 +117,21 @@ def domain_soft_targets(keys: list[str], smoothing: float) -> torch.Tensor:
 
 def load_classifier(path: Path) -> tuple[TaskClassifier, object, list[str], dict]:
     """(model in eval mode, tokenizer, labels, settings) from an artefact directory."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoTokenizer
 
     labels, settings = read_artefact(path, "classifier")
     try:
         head = load_file(str(path / HEAD_FILE))
-    except OSError as e:
-        raise CatalogError(f"classifier {path}: unreadable artefact ({e})") from None
-    if head["prototypes"].shape[0] != len(labels):
-        raise CatalogError(f"classifier {path}: head has {head['prototypes'].shape[0]} prototypes "
-                           f"for {len(labels)} labels")
-    encoder = AutoModel.from_pretrained(str(path), use_safetensors=True)
-    model = TaskClassifier(encoder, head["prototypes"], float(head["log_scale"]))
+        prototypes, log_scale = head["prototypes"], float(head["log_scale"])
+        encoder = AutoModel.from_pretrained(str(path), use_safetensors=True)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        raise CatalogError(f"classifier {path}: unreadable artefact ({type(e).__name__}: {e})") from None
+    if prototypes.shape != (len(labels), encoder.config.hidden_size):
+        raise CatalogError(f"classifier {path}: head prototypes of shape {tuple(prototypes.shape)} for "
+                           f"{len(labels)} labels of a {encoder.config.hidden_size}-wide encoder")
+    model = TaskClassifier(encoder, prototypes, log_scale)
     return model.eval(), AutoTokenizer.from_pretrained(str(path)), labels, settings
 
 

@@ -73,23 +73,25 @@ class LexicalModel:
 
     @classmethod
     def load(cls, path: Path) -> LexicalModel:
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
         from sklearn.feature_extraction.text import TfidfVectorizer
 
-        try:
+        try:   # a truncated file, a missing entry, an idf that does not fit its vocabulary
             vocab = json.loads((path / VOCABULARY_FILE).read_text())
             tensors = load_file(str(path / WEIGHTS_FILE))
-        except (OSError, json.JSONDecodeError) as e:
-            raise CatalogError(f"lexical {path}: unreadable artefact ({e})") from None
-        vectorizers = {}
-        for name, params in VECTORIZERS.items():
-            v = TfidfVectorizer(**params, vocabulary={t: i for i, t in enumerate(vocab[name])})
-            v.idf_ = tensors[f"idf_{name}"].astype(np.float64)
-            vectorizers[name] = v
-        n_features = sum(len(vocab[name]) for name in VECTORIZERS)
-        if tensors["coef"].shape[1] != n_features:
-            raise CatalogError(f"lexical {path}: {tensors['coef'].shape[1]} weights per label for {n_features} terms")
-        return cls(vectorizers, tensors["coef"], tensors["intercept"])
+            vectorizers = {}
+            for name, params in VECTORIZERS.items():
+                v = TfidfVectorizer(**params, vocabulary={t: i for i, t in enumerate(vocab[name])})
+                v.idf_ = tensors[f"idf_{name}"].astype(np.float64)
+                vectorizers[name] = v
+            n_features = sum(len(vocab[name]) for name in VECTORIZERS)
+            coef, intercept = tensors["coef"], tensors["intercept"]
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+            raise CatalogError(f"lexical {path}: unreadable artefact ({type(e).__name__}: {e})") from None
+        if coef.ndim != 2 or coef.shape[1] != n_features:
+            raise CatalogError(f"lexical {path}: weights of shape {coef.shape} for {n_features} terms")
+        return cls(vectorizers, coef, intercept)
 
 
 def _features(vectorizers: dict, texts: list[str]):

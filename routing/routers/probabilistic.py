@@ -35,8 +35,8 @@ def read_artefact(path: Path, kind: str) -> tuple[list[str], dict]:
         settings = json.loads((path / SETTINGS_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CatalogError(f"{kind} {path}: unreadable artefact ({e})") from None
-    if labels is None:
-        raise CatalogError(f"{kind} {path}: unreadable artefact (no {LABELS_FILE})")
+    if labels is None or not isinstance(settings, dict):
+        raise CatalogError(f"{kind} {path}: unreadable artefact (needs {LABELS_FILE} and {SETTINGS_FILE}, an object)")
     return labels, settings
 
 
