@@ -7,7 +7,8 @@ server's, not the client's, and becomes INTERNAL.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 
 from routing.decision import RouteDecision
 
@@ -37,3 +38,4 @@ class GenerationJob:
     max_new_tokens: int
     stop: tuple[str, ...] = ()
     base_only: bool = False
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)   # how a replica knows a request

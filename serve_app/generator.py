@@ -4,7 +4,7 @@ import asyncio
 import logging
 import os
 import threading
-from dataclasses import replace
+from dataclasses import dataclass
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -42,6 +42,9 @@ class Generator:
         self.catalog = catalog
         self.store = AdapterStore(self.fused, _adapter_paths(catalog))
         self.lock = threading.Lock()
+        self.running: set[str] = set()     # request ids of the batch being answered
+        self.abandoned: set[str] = set()   # of those, the ones whose client has gone
+        self.abandoned_rows = 0
         self.generate_batch.set_max_batch_size(cfg.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
@@ -73,65 +76,84 @@ class Generator:
 
     def _answers(self, jobs: list[GenerationJob]) -> Iterator[dict[int, Generation | Exception]]:
         """Answers by row: first the rows refused up front, then each planned `generate` call's as soon
-        as it returns (`plan_batches` runs the short prompts first). An error stays with the request at fault."""
+        as it returns (`plan_batches` runs the short prompts first). An error stays with the request at
+        fault; a request abandoned by its client before its call starts is left out of that call."""
         with self.lock:  # the store, the catalog and the layers' routing state serve one batch at a time
-            tasks, jobs = self.catalog.tasks, list(jobs)
-            prompts: dict[int, str] = {}
-            lengths: dict[int, int] = {}   # prompt tokens
-            refused: dict[int, Exception] = {}
-            for i, j in enumerate(jobs):
-                if any(k not in tasks for k, _ in j.decision.tasks):
-                    refused[i] = CatalogChangedError(f"route decision from catalog {j.decision.catalog_version} "
-                                                     f"names tasks that catalog {self.catalog.version} no longer "
-                                                     f"has; retry")
-                    continue
-                prompts[i] = render(tasks[j.decision.top].template, j.text)
-                lengths[i] = len(self.tokenizer(prompts[i]).input_ids)
-                if self.context is not None and lengths[i] >= self.context:
-                    refused[i] = PromptTooLongError(f"the prompt is {lengths[i]} tokens; the base model's "
-                                                    f"context is {self.context}")
-                elif self.context is not None:   # the answer stops at the context's end (finish_reason "length")
-                    jobs[i] = replace(j, max_new_tokens=min(j.max_new_tokens, self.context - lengths[i]))
-            if refused:
-                yield refused
-            live = [i for i in prompts if i not in refused]
-            routes = {i: self._routes(jobs[i]) for i in live}
-            plan = plan_batches([{k for k, _ in routes[i]} for i in live], [lengths[i] for i in live],
-                                self.store.capacity)
-            for group in plan:
-                rows = [live[g] for g in group]
-                try:
-                    done = self._generate(rows, jobs, prompts, routes)
-                except Exception as e:   # noqa: BLE001 - the error goes to the request at fault alone
-                    if len(rows) == 1:
-                        done = [e]
-                    else:
-                        log.warning("generator: a batch of %d failed (%s); running its rows one by one", len(rows), e)
-                        done = [self._generate_one(i, jobs, prompts, routes) for i in rows]
-                yield dict(zip(rows, done))
+            ids = {j.request_id for j in jobs}
+            self.running |= ids
+            try:
+                yield from self._answer_rows(jobs)
+            finally:
+                self.running -= ids
+                self.abandoned -= ids
 
-    def _generate_one(self, i: int, jobs: list[GenerationJob], prompts: dict[int, str],
-                      routes: dict[int, list[tuple[str, float]]]) -> Generation | Exception:
+    def _answer_rows(self, jobs: list[GenerationJob]) -> Iterator[dict[int, Generation | Exception]]:
+        rows: dict[int, _Row] = {}
+        refused: dict[int, Exception] = {}
+        for i, j in enumerate(jobs):
+            if any(k not in self.catalog.tasks for k, _ in j.decision.tasks):
+                refused[i] = CatalogChangedError(f"route decision from catalog {j.decision.catalog_version} names "
+                                                 f"tasks that catalog {self.catalog.version} no longer has; retry")
+                continue
+            prompt = render(self.catalog.tasks[j.decision.top].template, j.text)
+            length = len(self.tokenizer(prompt).input_ids)
+            if self.context is not None and length >= self.context:
+                refused[i] = PromptTooLongError(f"the prompt is {length} tokens; the base model's context is "
+                                                f"{self.context}")
+                continue
+            budget = j.max_new_tokens if self.context is None else min(j.max_new_tokens, self.context - length)
+            rows[i] = _Row(prompt, length, self._routes(j), budget, j.stop)   # the answer stops at the context
+        if refused:
+            yield refused
+        live = list(rows)
+        plan = plan_batches([{k for k, _ in rows[i].routes} for i in live], [rows[i].length for i in live],
+                            self.store.capacity)
+        for group in plan:
+            call = [live[g] for g in group]
+            gone = {i for i in call if jobs[i].request_id in self.abandoned}
+            if gone:
+                self.abandoned_rows += len(gone)
+                yield {i: RequestAbandonedError(jobs[i].request_id) for i in gone}
+                call = [i for i in call if i not in gone]
+            if not call:
+                continue
+            try:
+                done = self._generate([rows[i] for i in call])
+            except Exception as e:   # noqa: BLE001 - the error goes to the request at fault alone
+                if len(call) == 1:
+                    done = [e]
+                else:
+                    log.warning("generator: a batch of %d failed (%s); running its rows one by one", len(call), e)
+                    done = [self._generate_one(rows[i]) for i in call]
+            yield dict(zip(call, done))
+
+    def _generate_one(self, row: _Row) -> Generation | Exception:
         try:
-            return self._generate([i], jobs, prompts, routes)[0]
+            return self._generate([row])[0]
         except Exception as e:   # noqa: BLE001 - returned to that request alone
             return e
 
-    def _generate(self, rows: list[int], jobs: list[GenerationJob], prompts: dict[int, str],
-                  routes: dict[int, list[tuple[str, float]]]) -> list[Generation]:
-        self.store.ensure(sorted({k for i in rows for k, _ in routes[i]}))
-        return generate(self.fused, self.tokenizer, [prompts[i] for i in rows], [routes[i] for i in rows],
-                        max_new_tokens=[jobs[i].max_new_tokens for i in rows], stop=[list(jobs[i].stop) for i in rows])
+    def _generate(self, rows: list[_Row]) -> list[Generation]:
+        self.store.ensure(sorted({k for r in rows for k, _ in r.routes}))
+        return generate(self.fused, self.tokenizer, [r.prompt for r in rows], [r.routes for r in rows],
+                        max_new_tokens=[r.budget for r in rows], stop=[list(r.stop) for r in rows])
 
     def info(self) -> dict:
-        """The catalog version served, the resident adapters (LRU first) and the replica's process."""
-        return {"version": self.catalog.version, "resident": self.store.resident, "pid": os.getpid()}
+        """The catalog version served, the resident adapters (LRU first), the replica's process, and how
+        many rows were left out of their call because their client had gone."""
+        return {"version": self.catalog.version, "resident": self.store.resident, "pid": os.getpid(),
+                "abandoned_rows": self.abandoned_rows}
 
     async def generate(self, job: GenerationJob) -> Generation:
         answer = None
-        async for out in self.generate_batch(job):   # ends right after this request's own answer
-            if out is not None:   # None: another call of the batch answered
-                answer = out
+        try:
+            async for out in self.generate_batch(job):   # ends right after this request's own answer
+                if out is not None:   # None: another call of the batch answered
+                    answer = out
+        except asyncio.CancelledError:   # the client gave up (its deadline passed): skip its row's call
+            if job.request_id in self.running:
+                self.abandoned.add(job.request_id)
+            raise
         if isinstance(answer, Exception):  # one request's error, not its whole batch's
             raise answer
         return answer
@@ -159,6 +181,20 @@ class Generator:
             yield [answered.get(i) for i in range(len(jobs))]
             yield [StopIteration if i in answered else None for i in range(len(jobs))]
         await worker   # what it raised fails the requests still open
+
+
+class RequestAbandonedError(RuntimeError):
+    """Answers a row whose client had gone before its `generate` call started (nobody reads it)."""
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One request of a batch, ready for a `generate` call."""
+    prompt: str
+    length: int                       # prompt tokens
+    routes: list[tuple[str, float]]   # (adapter, weight); [] = the bare base
+    budget: int                       # new tokens: the request's, cut to what the context has left
+    stop: tuple[str, ...]
 
 
 def _adapter_paths(catalog: Catalog) -> dict[str, Path]:

@@ -11,7 +11,7 @@ from routing.routers import UnknownTaskError, make_router
 from serve_app import launch
 from serve_app.client import SwitchboardClient
 from serve_app.contract import GenerationJob
-from serve_app.generator import Generator
+from serve_app.generator import Generator, RequestAbandonedError
 from serve_app.router import route_grouped
 from training.adapter import TrainSpec, train_adapters
 from training.catalog_build import build_catalog
@@ -200,6 +200,14 @@ def test_generator_answers_each_call_as_it_returns_and_errors_stay_with_their_ro
     bad = GenerationJob(short.text, RouteDecision(((KEYS[1], float("nan")),), "fixed", version), 4)
     in_process = Generator.func_or_class(args)
     assert [sorted(answered) for answered in in_process._answers([long, short, bad])] == [[1, 2], [0]]
+    # The long prompt's client gives up while the first call runs: its call is skipped, not generated.
+    answers = in_process._answers([long, short, bad])
+    assert sorted(next(answers)) == [1, 2] and in_process.running == {long.request_id, short.request_id,
+                                                                       bad.request_id}
+    in_process.abandoned.add(long.request_id)
+    (skipped,) = list(answers)
+    assert list(skipped) == [0] and isinstance(skipped[0], RequestAbandonedError)
+    assert in_process.info()["abandoned_rows"] == 1 and not in_process.running and not in_process.abandoned
 
     generator = serve.run(Generator.bind(args), name="one-slot", route_prefix=None)
 
