@@ -265,7 +265,8 @@ def router_labels(path: Path) -> list[str] | None:
         labels = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CatalogError(f"{file}: malformed JSON: {e}") from None
-    if not (isinstance(labels, list) and all(isinstance(k, str) for k in labels)) or len(set(labels)) != len(labels):
+    distinct = isinstance(labels, list) and all(isinstance(k, str) for k in labels) and len(set(labels)) == len(labels)
+    if not distinct:
         raise CatalogError(f"{file}: expected a JSON list of distinct task keys")
     return labels
 

@@ -4,8 +4,8 @@ import asyncio
 import logging
 import os
 import threading
-from dataclasses import dataclass
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
