@@ -14,6 +14,13 @@ TEMPERATURE_RANGE = (1e-3, 1e3)
 MAX_TOP_K = 8
 
 
+class UnknownTaskError(KeyError):
+    """A request named a task the catalog does not have (gRPC NOT_FOUND)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 @dataclass(frozen=True)
 class RouteRequest:
     text: str

@@ -22,8 +22,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 
 from protos.switchboard.v1 import switchboard_pb2 as pb
-from routing.decision import RouteDecision, RouteRequest
-from routing.routers import UnknownTaskError
+from routing.decision import RouteDecision, RouteRequest, UnknownTaskError
 
 from .config import MAX_NEW_TOKENS_LIMIT, AppArgs
 from .contract import BadRequestError, CatalogChangedError, GenerationJob

@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ..catalog import Catalog
-from .base import Router, UnknownTaskError
+from ..decision import UnknownTaskError
+from .base import Router
 from .centroid import CentroidRouter
 from .classifier import ClassifierRouter
 from .ensemble import EnsembleRouter

@@ -7,13 +7,6 @@ from ..catalog import Catalog
 from ..decision import RouteDecision, RouteRequest
 
 
-class UnknownTaskError(KeyError):
-    """A request named a task the catalog does not have (gRPC NOT_FOUND)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
 class Router(ABC):
     name: ClassVar[str]
     needs_embedding: ClassVar[bool] = False  # True: requests must carry `embedding` (the Embedder fills it)

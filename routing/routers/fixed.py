@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from ..decision import RouteDecision, RouteRequest
-from .base import Router, UnknownTaskError
+from ..decision import RouteDecision, RouteRequest, UnknownTaskError
+from .base import Router
 
 
 class FixedRouter(Router):
