@@ -194,14 +194,8 @@ class FusedLoraModel(nn.Module):
 
     # ---- routing --------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def routing(self, rows: Sequence[Sequence[tuple[str, float]]]) -> Iterator[None]:
-        """Route batch row b through the adapters in `rows[b]` = [(name, weight), ...].
-
-        An empty row is the bare base model; weights are used as given (not renormalised). The
-        state is shared by every fused layer and holds until the block exits (one `generate`
-        call), then the previous state comes back. Not thread-safe: one batch at a time.
-        """
+    def _routing_tensors(self, rows: Sequence[Sequence[tuple[str, float]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices (B, K) long, -1 = none; weights (B, K)) for `rows` = [[(name, weight), ...], ...]."""
         k = max([1, *(len(r) for r in rows)])
         indices = torch.full((len(rows), k), -1, dtype=torch.long)
         weights = torch.zeros((len(rows), k), dtype=torch.float32)
@@ -213,16 +207,36 @@ class FusedLoraModel(nn.Module):
                     raise ValueError(f"row {b}: weight {w!r} for {name!r} is not finite")
                 indices[b, j] = self._adapters[name].slot
                 weights[b, j] = float(w)
+        return indices.to(self.device), weights.to(self.device)
+
+    @contextlib.contextmanager
+    def routing(self, rows: Sequence[Sequence[tuple[str, float]]]) -> Iterator[None]:
+        """Route batch row b through the adapters in `rows[b]` = [(name, weight), ...].
+
+        An empty row is the bare base model; weights are used as given (not renormalised). The
+        state is shared by every fused layer and holds until the block exits (one `generate`
+        call), then the previous state comes back. Not thread-safe: one batch at a time.
+        """
         state = self.routing_state
         previous = (state.indices, state.weights)
-        device = self.device
-        state.set(indices.to(device), weights.to(device))
+        state.set(*self._routing_tensors(rows))
         try:
             yield
         finally:
             state.set(*previous)
             for layer in self.layers.values():
                 layer.release()
+
+    def set_routing(self, rows: Sequence[Sequence[tuple[str, float]]]) -> None:
+        """Route the next forward passes' rows until the next call: the engine's per-pass form of
+        `routing`, where the rows change whenever a sequence joins or leaves the batch. Setting the
+        routing the layers already hold keeps their prepared state."""
+        indices, weights = self._routing_tensors(rows)
+        state = self.routing_state
+        if (state.indices is not None and state.indices.shape == indices.shape
+                and torch.equal(state.indices, indices) and torch.equal(state.weights, weights)):
+            return
+        state.set(indices, weights)
 
     # ---- pass-through ---------------------------------------------------------------------------
 
