@@ -3,9 +3,16 @@
     with SwitchboardClient("127.0.0.1:9000") as sb:
         reply = sb.generate("Shares of Acme (ACM) rose ...", top_k=3)
         print(reply.text, [(t.task, t.weight) for t in reply.decision.tasks])
+        for chunk in sb.generate_stream("Shares of Acme (ACM) rose ...", max_new_tokens=64):
+            print(chunk.text, end="", flush=True)   # the last chunk carries finish_reason and the decision
+
+`routing_temperature` is the routing softmax's τ (how K fused adapters are weighted);
+`sampling_temperature` is the sampling temperature of the answer (0 = greedy).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import grpc
 
@@ -26,15 +33,19 @@ class SwitchboardClient:
     def _call(self, method, request):
         return method(request, metadata=self.metadata, timeout=self.timeout_s)
 
-    def generate(self, text: str, *, router: str = "", task: str = "", top_k: int = 0, temperature: float = 0.0,
-                 max_new_tokens: int = 0, stop: list[str] | None = None, base_only: bool = False) -> pb.GenerateResponse:
-        route = pb.RouteOptions(router=router, task=task, top_k=top_k, temperature=temperature)
-        return self._call(self.stub.Generate, pb.GenerateRequest(text=text, route=route, max_new_tokens=max_new_tokens,
-                                                                 stop=stop or [], base_only=base_only))
+    def generate(self, text: str, **options) -> pb.GenerateResponse:
+        """The whole answer. Options: router, task, top_k, routing_temperature, max_new_tokens, stop,
+        base_only, sampling_temperature, top_p, seed (see `generate_request`)."""
+        return self._call(self.stub.Generate, generate_request(text, **options))
+
+    def generate_stream(self, text: str, **options) -> Iterator[pb.GenerateChunk]:
+        """The answer as it is made: chunks of new text, the last one with finish_reason, the route
+        decision, token counts and timings. Same options as `generate`."""
+        return self._call(self.stub.GenerateStream, generate_request(text, **options))
 
     def route(self, text: str, *, router: str = "", task: str = "", top_k: int = 0,
-              temperature: float = 0.0) -> pb.RouteResponse:
-        route = pb.RouteOptions(router=router, task=task, top_k=top_k, temperature=temperature)
+              routing_temperature: float = 0.0) -> pb.RouteResponse:
+        route = pb.RouteOptions(router=router, task=task, top_k=top_k, temperature=routing_temperature)
         return self._call(self.stub.Route, pb.RouteRequest(text=text, route=route))
 
     def list_tasks(self) -> pb.ListTasksResponse:
@@ -51,3 +62,13 @@ class SwitchboardClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def generate_request(text: str, *, router: str = "", task: str = "", top_k: int = 0, routing_temperature: float = 0.0,
+                     max_new_tokens: int = 0, stop: list[str] | None = None, base_only: bool = False,
+                     sampling_temperature: float = 0.0, top_p: float = 0.0, seed: int | None = None) -> pb.GenerateRequest:
+    """A `GenerateRequest`; zeros mean the server's defaults (greedy sampling)."""
+    route = pb.RouteOptions(router=router, task=task, top_k=top_k, temperature=routing_temperature)
+    sampling = pb.Sampling(temperature=sampling_temperature, top_p=top_p, seed=seed)
+    return pb.GenerateRequest(text=text, route=route, max_new_tokens=max_new_tokens, stop=stop or [],
+                              base_only=base_only, sampling=sampling)

@@ -7,6 +7,7 @@ file `serve run`, `serve deploy`, `switchboard serve` and the KubeRay RayService
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -14,6 +15,7 @@ from routing.catalog import Catalog
 from routing.decision import DEFAULT_TEMPERATURE, MAX_TOP_K, TEMPERATURE_RANGE
 
 MAX_NEW_TOKENS_LIMIT = 512
+MAX_SAMPLING_TEMPERATURE = 100.0
 
 
 class AppArgs(BaseModel):
@@ -28,8 +30,16 @@ class AppArgs(BaseModel):
     temperature: float = Field(DEFAULT_TEMPERATURE, ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1],
                                description="Routing softmax temperature τ by default.")
     max_new_tokens: int = Field(32, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="Answer length by default.")
-    max_batch_size: int = Field(16, ge=1, description="Generator batch: requests fused into one forward pass.")
-    batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a partial batch waits for more requests.")
+    batching: Literal["continuous", "static"] = Field(
+        "continuous", description="continuous: requests join the running batch at every decoding step; static: a "
+                                  "batch runs until its last answer before the next is admitted (a baseline).")
+    max_num_seqs: int = Field(32, ge=1, description="Requests decoding together in one Generator step.")
+    kv_cache_tokens: int = Field(16384, ge=16, description="KV cache of a Generator replica, in tokens, allocated "
+                                 "at start-up; a request reserves its prompt plus max_new_tokens while it runs.")
+    prefill_chunk_tokens: int = Field(256, ge=1, description="Prompt tokens prefilled per step: a long prompt is "
+                                      "prefilled over several steps while the running requests keep decoding.")
+    max_queued_requests: int = Field(256, ge=1, description="Requests waiting in a Generator replica before new "
+                                     "ones are refused with RESOURCE_EXHAUSTED (HTTP 429).")
     max_loras: int = Field(16, ge=1, description="Adapters resident in a Generator replica (LRU beyond that).")
     max_lora_rank: int | None = Field(None, ge=1, description="Largest adapter rank a Generator replica takes; "
                                       "default: the catalog's largest. Raise it to switch to catalogs with larger ranks.")

@@ -3,9 +3,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import torch
@@ -13,21 +12,27 @@ from ray import serve
 
 from routing.base_models import load_causal_lm, locate_base_model
 from routing.catalog import Catalog, CatalogError
-from routing.lora import AdapterStore, FusedLoraModel, Generation, generate, plan_batches
+from routing.engine import Engine, EngineConfig, Event, NeverFitsError, QueueFullError, SamplingParams
+from routing.lora import AdapterStore, FusedLoraModel
 from routing.templates import render
 
 from .config import AppArgs, catalog_switch
-from .contract import CatalogChangedError, GenerationJob, PromptTooLongError
+from .contract import (Answer, BadRequestError, CatalogChangedError, Delta, GenerationJob, NoAdapterError,
+                       OverloadedError, PromptTooLongError)
+from .engine_loop import EngineLoop
 
 log = logging.getLogger("ray.serve")
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256)
 class Generator:
-    """Base model + every catalog adapter in fused multi-LoRA layers.
+    """Base model + the catalog's adapters in fused multi-LoRA layers, run by a continuous-batching engine.
 
-    Requests with different route decisions (one adapter, a K-way fusion, or none) share one
-    batched `generate` call; adapters are loaded on demand into at most `max_loras` slots.
+    Every request becomes a sequence of the engine: it joins the running batch at the next step, on
+    its own adapters (one, a K-way fusion, or none), and its tokens stream out as they are made.
+
+    Adapters are keyed by catalog version and task, so a request routed on version v is answered on
+    v's adapters even while a switch brings in v+1: versions stay loaded while requests use them.
     """
 
     def __init__(self, args: dict):
@@ -37,168 +42,159 @@ class Generator:
         if catalog.base_model is None:
             raise CatalogError(f"catalog {catalog.version} is routing-only (no adapters): nothing to generate with")
         model, self.tokenizer = load_causal_lm(locate_base_model(catalog.base_model["id"], cfg.base_model))
-        self.fused = FusedLoraModel(model, max_loras=cfg.max_loras, max_rank=cfg.max_lora_rank or _max_rank(catalog))
-        self.context = getattr(model.config, "max_position_embeddings", None)   # None: no limit known
-        self.catalog = catalog
-        self.store = AdapterStore(self.fused, _adapter_paths(catalog))
-        self.lock = threading.Lock()
-        self.running: set[str] = set()     # request ids of the batch being answered
-        self.abandoned: set[str] = set()   # of those, the ones whose client has gone
-        self.abandoned_rows = 0
-        self.generate_batch.set_max_batch_size(cfg.max_batch_size)
-        self.generate_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.max_rank = cfg.max_lora_rank or _max_rank(catalog)
+        fused = FusedLoraModel(model, max_loras=cfg.max_loras, max_rank=self.max_rank)
+        self.catalogs = {catalog.version: catalog}   # every version a request may still be answered on
+        self.current = catalog.version
+        self.store = AdapterStore(fused, _adapter_paths(catalog))
+        engine = Engine(fused, self.tokenizer, self.store,
+                        EngineConfig(max_num_seqs=cfg.max_num_seqs, kv_cache_tokens=cfg.kv_cache_tokens,
+                                     prefill_chunk_tokens=cfg.prefill_chunk_tokens,
+                                     max_waiting=cfg.max_queued_requests, admission=cfg.batching),
+                        context=getattr(model.config, "max_position_embeddings", None))
+        self.loop = EngineLoop(engine)
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.catalogs[self.current]
 
     async def reconfigure(self, user_config: dict) -> None:
         """Switch to another catalog version in place (Serve `user_config: {catalog: DIR}`; see
         `serve_app.launch.switch_catalog`): no restart, the base model stays loaded.
 
-        Dropped adapters are evicted and new ones load on demand. The swap takes the batch lock, so
-        the batch running now finishes on the old version and every later batch runs on the new one.
+        New requests are routed and answered on the new version; requests routed on the old one still
+        finish on it. Versions no request uses any more are dropped (their adapters evicted).
         """
         catalog = await asyncio.to_thread(catalog_switch, user_config, self.catalog)
         if catalog is None:
             return
-        if _max_rank(catalog) > self.fused.max_rank:
+        if _max_rank(catalog) > self.max_rank:
             raise ValueError(f"catalog {catalog.version} has rank-{_max_rank(catalog)} adapters; this Generator takes "
-                             f"rank <= {self.fused.max_rank} (set args.max_lora_rank and redeploy)")
-        await asyncio.to_thread(self._switch, catalog)
-
-    def _switch(self, catalog: Catalog) -> None:
-        with self.lock:
-            self.store.swap_catalog(_adapter_paths(catalog))
-            self.catalog = catalog
+                             f"rank <= {self.max_rank} (set args.max_lora_rank and redeploy)")
+        await self.loop.call(lambda: self._switch(catalog))
         log.info("generator: now serving catalog %s", catalog.version)
 
-    def _routes(self, job: GenerationJob) -> list[tuple[str, float]]:
-        if job.base_only:
-            return []
-        return [(k, w) for k, w in job.decision.tasks if self.catalog.tasks[k].adapter is not None]
+    def _switch(self, catalog: Catalog) -> None:
+        """On the engine thread, between steps."""
+        self.catalogs[catalog.version] = catalog
+        self.current = catalog.version
+        self._prune()
 
-    def _answers(self, jobs: list[GenerationJob]) -> Iterator[dict[int, Generation | Exception]]:
-        """Answers by row: first the rows refused up front, then each planned `generate` call's as soon
-        as it returns (`plan_batches` runs the short prompts first). An error stays with the request at
-        fault; a request abandoned by its client before its call starts is left out of that call."""
-        with self.lock:  # the store, the catalog and the layers' routing state serve one batch at a time
-            ids = {j.request_id for j in jobs}
-            self.running |= ids
-            try:
-                yield from self._answer_rows(jobs)
-            finally:
-                self.running -= ids
-                self.abandoned -= ids
+    def _prune(self) -> None:
+        """On the engine thread: drop the versions other than the current one that no queued or running
+        request uses, and their adapters."""
+        sched = self.loop.engine.scheduler
+        used = {k.split(":", 1)[0] for s in (*sched.waiting, *sched.running) for k in s.adapters}
+        self.catalogs = {v: c for v, c in self.catalogs.items() if v == self.current or v in used}
+        paths: dict[str, Path] = {}
+        for c in self.catalogs.values():
+            paths |= _adapter_paths(c)
+        self.store.swap_catalog(paths)
 
-    def _answer_rows(self, jobs: list[GenerationJob]) -> Iterator[dict[int, Generation | Exception]]:
-        rows: dict[int, _Row] = {}
-        refused: dict[int, Exception] = {}
-        for i, j in enumerate(jobs):
-            if any(k not in self.catalog.tasks for k, _ in j.decision.tasks):
-                refused[i] = CatalogChangedError(f"route decision from catalog {j.decision.catalog_version} names "
-                                                 f"tasks that catalog {self.catalog.version} no longer has; retry")
-                continue
-            prompt = render(self.catalog.tasks[j.decision.top].template, j.text)
-            length = len(self.tokenizer(prompt).input_ids)
-            if self.context is not None and length >= self.context:
-                refused[i] = PromptTooLongError(f"the prompt is {length} tokens; the base model's context is "
-                                                f"{self.context}")
-                continue
-            budget = j.max_new_tokens if self.context is None else min(j.max_new_tokens, self.context - length)
-            rows[i] = _Row(prompt, length, self._routes(j), budget, j.stop)   # the answer stops at the context
-        if refused:
-            yield refused
-        live = list(rows)
-        plan = plan_batches([{k for k, _ in rows[i].routes} for i in live], [rows[i].length for i in live],
-                            self.store.capacity)
-        for group in plan:
-            call = [live[g] for g in group]
-            gone = {i for i in call if jobs[i].request_id in self.abandoned}
-            if gone:
-                self.abandoned_rows += len(gone)
-                yield {i: RequestAbandonedError(jobs[i].request_id) for i in gone}
-                call = [i for i in call if i not in gone]
-            if not call:
-                continue
-            try:
-                done = self._generate([rows[i] for i in call])
-            except Exception as e:   # noqa: BLE001 - the error goes to the request at fault alone
-                if len(call) == 1:
-                    done = [e]
-                else:
-                    log.warning("generator: a batch of %d failed (%s); running its rows one by one", len(call), e)
-                    done = [self._generate_one(rows[i]) for i in call]
-            yield dict(zip(call, done))
-
-    def _generate_one(self, row: _Row) -> Generation | Exception:
+    def _request(self, job: GenerationJob) -> dict:
+        """The engine request for `job`: prompt tokens on the template of the routed task and the route's
+        adapters, weights renormalised over the routed tasks that have one."""
+        catalog = self.catalogs.get(job.decision.catalog_version)
+        if catalog is None or any(k not in catalog.tasks for k, _ in job.decision.tasks):
+            raise CatalogChangedError(f"route decision from catalog {job.decision.catalog_version}, which this "
+                                      f"replica no longer serves (now {self.current}); retry")
+        routes = [] if job.base_only else [(k, w) for k, w in job.decision.tasks if catalog.tasks[k].adapter]
+        if job.decision.tasks and not job.base_only and not routes:
+            raise NoAdapterError(f"the routed tasks {[k for k, _ in job.decision.tasks]} have no adapter in catalog "
+                                 f"{catalog.version}; send base_only to answer with the bare base model")
+        total = sum(w for _, w in routes)
         try:
-            return self._generate([row])[0]
-        except Exception as e:   # noqa: BLE001 - returned to that request alone
-            return e
+            sampling = SamplingParams(job.temperature, job.top_p, job.seed)
+        except ValueError as e:
+            raise BadRequestError(str(e)) from None
+        prompt = self._prompt(job, catalog)
+        return dict(prompt=prompt, routes=[(_key(catalog, k), w / total) for k, w in routes],
+                    max_new_tokens=job.max_new_tokens, stop=job.stop, sampling=sampling)
 
-    def _generate(self, rows: list[_Row]) -> list[Generation]:
-        self.store.ensure(sorted({k for r in rows for k, _ in r.routes}))
-        return generate(self.fused, self.tokenizer, [r.prompt for r in rows], [r.routes for r in rows],
-                        max_new_tokens=[r.budget for r in rows], stop=[list(r.stop) for r in rows])
+    def _prompt(self, job: GenerationJob, catalog: Catalog) -> list[int]:
+        """A chat on the base model's chat template when its tokenizer has one; anything else on the routed
+        task's template (the format its adapter was trained on)."""
+        if job.messages is not None and self.tokenizer.chat_template:
+            chat = [{"role": role, "content": content} for role, content in job.messages]
+            text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer(text, add_special_tokens=False).input_ids
+        return self.tokenizer(render(catalog.tasks[job.decision.top].template, job.text)).input_ids
 
-    def info(self) -> dict:
-        """The catalog version served, the resident adapters (LRU first), the replica's process, and how
-        many rows were left out of their call because their client had gone."""
-        return {"version": self.catalog.version, "resident": self.store.resident, "pid": os.getpid(),
-                "abandoned_rows": self.abandoned_rows}
-
-    async def generate(self, job: GenerationJob) -> Generation:
-        answer = None
+    async def stream(self, job: GenerationJob) -> AsyncIterator[Delta | Answer]:
+        """The answer as it is made: `Delta`s of new text, then the `Answer`. A client that goes away
+        (cancellation, or closing the stream) frees its sequence's slot at the engine's next step."""
+        started = time.perf_counter()
+        request = await asyncio.to_thread(self._request, job)
+        events = self.loop.submit(job.request_id, **request)
+        text, first, ended = [], None, False
         try:
-            async for out in self.generate_batch(job):   # ends right after this request's own answer
-                if out is not None:   # None: another call of the batch answered
-                    answer = out
-        except asyncio.CancelledError:   # the client gave up (its deadline passed): skip its row's call
-            if job.request_id in self.running:
-                self.abandoned.add(job.request_id)
-            raise
-        if isinstance(answer, Exception):  # one request's error, not its whole batch's
-            raise answer
-        return answer
+            while True:
+                event = await events.get()
+                ended = isinstance(event, BaseException) or event.done
+                if isinstance(event, BaseException):
+                    raise _refusal(event)
+                if event.error is not None:
+                    raise event.error
+                if first is None and event.new_tokens:
+                    first = time.perf_counter()
+                if event.text:
+                    text.append(event.text)
+                    yield Delta(event.text)
+                if ended:
+                    if len(self.catalogs) > 1:
+                        await self.loop.call(self._prune)
+                    yield _answer(event, "".join(text), len(request["prompt"]), started, first)
+                    return
+        finally:
+            if not ended:
+                self.loop.abort(job.request_id)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def generate_batch(self, jobs: list[GenerationJob]) -> AsyncIterator[list]:
-        """Streams the batch's answers call by call, so a short request does not wait for a long one's call.
+    async def generate(self, job: GenerationJob) -> Answer:
+        async for item in self.stream(job):
+            if isinstance(item, Answer):
+                return item
+        raise RuntimeError("the engine ended a request without an answer")
 
-        Serve's streaming batch protocol: each yield is one item per request, here its answer (a
-        `Generation` or the error that is its alone), None (not yet), or StopIteration (that request is
-        done). `_answers` runs off the event loop, so the replica keeps accepting (and batching) requests.
-        """
-        loop = asyncio.get_running_loop()
-        answers: asyncio.Queue[dict[int, Generation | Exception] | None] = asyncio.Queue()
+    async def info(self) -> dict:
+        """The catalog version served (and others still finishing), resident adapters (LRU first), the
+        replica's process, the engine's queue and KV state, and how many requests their clients abandoned."""
+        engine = self.loop.engine
 
-        def work() -> None:
-            try:
-                for answered in self._answers(jobs):
-                    loop.call_soon_threadsafe(answers.put_nowait, answered)
-            finally:
-                loop.call_soon_threadsafe(answers.put_nowait, None)
-
-        worker = asyncio.ensure_future(asyncio.to_thread(work))
-        while (answered := await answers.get()) is not None:
-            yield [answered.get(i) for i in range(len(jobs))]
-            yield [StopIteration if i in answered else None for i in range(len(jobs))]
-        await worker   # what it raised fails the requests still open
+        def snapshot() -> dict:
+            sched = engine.scheduler
+            return {"version": self.current, "versions": sorted(self.catalogs), "pid": os.getpid(),
+                    "resident": [k.split(":", 1)[1] for k in self.store.resident],
+                    "running": len(sched.running), "waiting": len(sched.waiting),
+                    "kv_blocks_free": sched.blocks.free, "kv_blocks": sched.blocks.num_blocks,
+                    "kv_bytes": engine.runner.kv_bytes, "aborted": self.loop.aborted}
+        return await self.loop.call(snapshot)
 
 
-class RequestAbandonedError(RuntimeError):
-    """Answers a row whose client had gone before its `generate` call started (nobody reads it)."""
+def _refusal(error: BaseException) -> BaseException:
+    """The engine's refusal of a request, as the error the Ingress maps to a status code."""
+    if isinstance(error, NeverFitsError):
+        cls = PromptTooLongError if "context" in str(error) else BadRequestError
+        return cls(str(error))
+    if isinstance(error, QueueFullError):
+        return OverloadedError(str(error))
+    if isinstance(error, KeyError):   # an adapter of a version dropped between routing and admission
+        return CatalogChangedError(f"{error.args[0]}; retry")
+    return error
 
 
-@dataclass(frozen=True)
-class _Row:
-    """One request of a batch, ready for a `generate` call."""
-    prompt: str
-    length: int                       # prompt tokens
-    routes: list[tuple[str, float]]   # (adapter, weight); [] = the bare base
-    budget: int                       # new tokens: the request's, cut to what the context has left
-    stop: tuple[str, ...]
+def _answer(event: Event, text: str, prompt_tokens: int, started: float, first: float | None) -> Answer:
+    now = time.perf_counter()
+    return Answer(text=text, new_tokens=event.new_tokens, finish_reason=event.finish_reason,
+                  prompt_tokens=prompt_tokens, ttft_ms=1000 * ((first or now) - started),
+                  total_ms=1000 * (now - started))
+
+
+def _key(catalog: Catalog, task: str) -> str:
+    return f"{catalog.version}:{task}"
 
 
 def _adapter_paths(catalog: Catalog) -> dict[str, Path]:
-    return {k: catalog.adapter_path(k) for k, t in catalog.tasks.items() if t.adapter is not None}
+    return {_key(catalog, k): catalog.adapter_path(k) for k, t in catalog.tasks.items() if t.adapter is not None}
 
 
 def _max_rank(catalog: Catalog) -> int:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import grpc
 from ray import serve
@@ -24,8 +26,10 @@ from ray.serve.handle import DeploymentHandle
 from protos.switchboard.v1 import switchboard_pb2 as pb
 from routing.decision import RouteDecision, RouteRequest, UnknownTaskError
 
-from .config import MAX_NEW_TOKENS_LIMIT, AppArgs
-from .contract import BadRequestError, CatalogChangedError, GenerationJob
+from .config import MAX_NEW_TOKENS_LIMIT, MAX_SAMPLING_TEMPERATURE, AppArgs
+from .openai_api import OpenAIRoutes, http
+from .contract import (Answer, BadRequestError, CatalogChangedError, Delta, GenerationJob, NoAdapterError,
+                       OverloadedError)
 
 log = logging.getLogger("ray.serve")
 
@@ -41,7 +45,22 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.UNAVAILABLE, f"the server is busy or restarting; retry ({type(exc).__name__})"
     if isinstance(exc, BadRequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, NoAdapterError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, OverloadedError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     return None
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a client gets for `exc`; an unexpected error is logged with a
+    reference and reaches the client as INTERNAL with that reference only."""
+    mapped = _status_for(exc)
+    if mapped is None:
+        ref = uuid.uuid4().hex[:12]
+        log.error("request %s failed", ref, exc_info=exc)
+        mapped = grpc.StatusCode.INTERNAL, f"internal error (reference {ref} in the server log)"
+    return mapped
 
 
 def grpc_errors(empty_response: type):
@@ -53,18 +72,37 @@ def grpc_errors(empty_response: type):
             try:
                 return await method(self, request, grpc_context)
             except Exception as exc:  # noqa: BLE001 - the boundary where every error becomes a status
-                mapped = _status_for(exc)
-                if mapped is None:
-                    ref = uuid.uuid4().hex[:12]
-                    log.exception("request %s failed", ref)
-                    mapped = grpc.StatusCode.INTERNAL, f"internal error (reference {ref} in the server log)"
-                grpc_context.set_code(mapped[0])
-                grpc_context.set_details(mapped[1])
+                code, details = status_of(exc)
+                grpc_context.set_code(code)
+                grpc_context.set_details(details)
                 return empty_response()
 
         return call
 
     return wrap
+
+
+def grpc_stream_errors(method):
+    """The same for a server-streaming method: the chunks sent so far stand, then the status. Serve applies
+    a code set on the context when the method raises (`gRPCStatusError`), so the error is re-raised with
+    only the mapped message (never a traceback) as its text."""
+
+    @functools.wraps(method)
+    async def call(self, request, grpc_context):
+        try:
+            async for chunk in method(self, request, grpc_context):
+                yield chunk
+        except Exception as exc:  # noqa: BLE001 - the boundary where every error becomes a status
+            code, details = status_of(exc)
+            grpc_context.set_code(code)
+            grpc_context.set_details(details)
+            raise StreamFailed(details) from None
+
+    return call
+
+
+class StreamFailed(RuntimeError):
+    """Ends a stream with the status set on its context."""
 
 
 def _decision_pb(d: RouteDecision) -> pb.RouteDecision:
@@ -74,7 +112,10 @@ def _decision_pb(d: RouteDecision) -> pb.RouteDecision:
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
-class Ingress:
+@serve.ingress(http)
+class Ingress(OpenAIRoutes):
+    """gRPC (the methods named as in the .proto) and OpenAI-compatible HTTP (`OpenAIRoutes`) in one deployment."""
+
     def __init__(self, args: dict, router: DeploymentHandle, generator: DeploymentHandle):
         self.cfg = AppArgs(**args)
         self.router = router
@@ -100,18 +141,46 @@ class Ingress:
         decision = await self.router.route.remote(request, name)
         return decision, 1000 * (time.perf_counter() - started)
 
-    @grpc_errors(pb.GenerateResponse)
-    async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
+    async def _job(self, request: pb.GenerateRequest) -> tuple[GenerationJob, RouteDecision, float]:
         if not 0 <= request.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise BadRequestError(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS_LIMIT} (0 = default)")
+        sampling = request.sampling
+        if not (math.isfinite(sampling.temperature) and 0 <= sampling.temperature <= MAX_SAMPLING_TEMPERATURE):
+            raise BadRequestError(f"sampling.temperature must be in [0, {MAX_SAMPLING_TEMPERATURE:g}] (0 = greedy), "
+                                  f"got {sampling.temperature}")
+        if not (math.isfinite(sampling.top_p) and 0 <= sampling.top_p <= 1):
+            raise BadRequestError(f"sampling.top_p must be in (0, 1] (0 = 1), got {sampling.top_p}")
         decision, route_ms = await self._route(request.text, request.route)
         job = GenerationJob(request.text, decision, request.max_new_tokens or self.cfg.max_new_tokens,
-                            tuple(s for s in request.stop if s), request.base_only)
+                            tuple(s for s in request.stop if s), request.base_only,
+                            temperature=sampling.temperature, top_p=sampling.top_p or 1.0,
+                            seed=sampling.seed if sampling.HasField("seed") else None)
+        return job, decision, route_ms
+
+    @grpc_errors(pb.GenerateResponse)
+    async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
+        job, decision, route_ms = await self._job(request)
         started = time.perf_counter()
-        out = await self.generator.generate.remote(job)
+        out: Answer = await self.generator.generate.remote(job)
         return pb.GenerateResponse(text=out.text, decision=_decision_pb(decision), new_tokens=out.new_tokens,
                                    finish_reason=out.finish_reason, route_ms=route_ms,
-                                   generate_ms=1000 * (time.perf_counter() - started))
+                                   generate_ms=1000 * (time.perf_counter() - started),
+                                   prompt_tokens=out.prompt_tokens, ttft_ms=out.ttft_ms)
+
+    @grpc_stream_errors
+    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateChunk]:
+        job, decision, route_ms = await self._job(request)
+        async for item in self.stream(job):
+            if isinstance(item, Delta):
+                yield pb.GenerateChunk(text=item.text)
+            else:
+                yield pb.GenerateChunk(finish_reason=item.finish_reason, decision=_decision_pb(decision),
+                                       prompt_tokens=item.prompt_tokens, new_tokens=item.new_tokens,
+                                       route_ms=route_ms, ttft_ms=item.ttft_ms, total_ms=item.total_ms)
+
+    def stream(self, job: GenerationJob) -> AsyncIterator[Delta | Answer]:
+        """The Generator's stream of `job` (its `Delta`s, then the `Answer`)."""
+        return self.generator.options(stream=True).stream.remote(job)
 
     @grpc_errors(pb.RouteResponse)
     async def Route(self, request: pb.RouteRequest, grpc_context) -> pb.RouteResponse:

@@ -61,7 +61,8 @@ def start(config: dict, timeout_s: float = 600) -> None:
                                    grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
                                    proxy_location=schema.proxy_location)
     client.deploy_apps(schema, _blocking=False)
-    _wait_running(schema.applications[0].name, timeout_s)
+    for app in schema.applications:
+        _wait_running(app.name, timeout_s)
 
 
 def switch_catalog(config: dict, catalog: str | Path, timeout_s: float = 300) -> dict:

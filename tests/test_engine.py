@@ -202,3 +202,32 @@ def test_scheduler_limits_seats_memory_and_prefill_budget():
     assert [x.request_id for x in s.running] == ["a", "c"]
     assert [(c.seq.request_id, c.start, c.length) for c in plan.prefills] == [("a", 0, 5), ("c", 0, 1)]
     assert s.blocks.free == 8 - 2 * 2
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_other_llama_family_decoders_match_static_generate(tmp_path, family):
+    """Qwen2 (biased q/k/v) and Qwen3 (q/k norms) through the engine's own decoder loop."""
+    import transformers
+
+    config_cls, model_cls = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+                             "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}[family]
+    tok = make_tokenizer()
+    torch.manual_seed(1)
+    config = getattr(transformers, config_cls)(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               head_dim=8, max_position_embeddings=64, eos_token_id=2, pad_token_id=0)
+    base = getattr(transformers, model_cls)(config).eval()
+    make_adapter(base, tmp_path / "a", seed=1, r=4, lora_alpha=8)
+    routes = [[("a", 1.0)], []]
+    fused = FusedLoraModel(copy.deepcopy(base), max_loras=1, max_rank=4)
+    fused.load_adapter("a", tmp_path / "a")
+    want = [g.token_ids for g in generate(fused, tok, PROMPTS[:2], routes, max_new_tokens=8)]
+    fused2 = FusedLoraModel(copy.deepcopy(base), max_loras=1, max_rank=4)
+    engine = Engine(fused2, tok, AdapterStore(fused2, {"a": tmp_path / "a"}), EngineConfig(kv_cache_tokens=256, block_size=4),
+                    context=64)
+    for i in range(2):
+        engine.add(str(i), tok(PROMPTS[i]).input_ids, routes[i], 8)
+    done = {}
+    while engine.has_work:
+        done |= {e.request_id: list(e.token_ids) for e in engine.step() if e.done}
+    assert [done["0"], done["1"]] == want

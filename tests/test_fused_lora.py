@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from routing.lora import (AdapterLoadError, AdapterStore, CapacityError, FusedLoraLinear, FusedLoraModel,
-                          RoutingState, TorchReferenceBackend, generate, plan_batches)
+                          RoutingState, TorchReferenceBackend, generate)
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -442,30 +442,6 @@ def test_store_lru_capacity_and_swap(world, tmp_path):
         assert (got - world["peft"]["pissa"](input_ids=ids[:1]).logits[0]).abs().max() <= TOL
     assert store.loads == 6 and store.evictions == 4
 
-
-# ---- plan_batches --------------------------------------------------------------------------------
-
-def test_plan_batches_keeps_adapters_within_capacity():
-    adapters = [{"a"}, {"b"}, {"c"}, {"a", "b"}, set(), {"a", "b", "c", "d"}]
-    # first fit: {a, b} takes rows 0, 1, 3 and 4 (bare base); c needs a call of its own; row 5 needs
-    # 4 of 2 slots, so it is alone and only its own call fails
-    assert plan_batches(adapters, [10] * len(adapters), capacity=2) == [[0, 1, 3, 4], [2], [5]]
-
-
-def test_plan_batches_keeps_a_long_prompt_out_of_short_ones():
-    one = [{"a"}] * 6
-    assert plan_batches(one, [12, 30, 50, 60, 64, 100], capacity=4) == [[0, 1, 2, 3, 4, 5]]  # all "short"
-    assert plan_batches(one, [40, 4000, 35, 120, 2500, 60], capacity=4) == [[0, 2, 3, 5], [1, 4]]  # short first
-    # a group's longest prompt is at most twice any row's: 1000 with 600 and 500, not with 400
-    assert plan_batches(one[:4], [500, 1000, 400, 600], capacity=4) == [[2], [0, 1, 3]]
-
-
-def test_plan_batches_refuses_mismatched_inputs():
-    with pytest.raises(ValueError, match="2 adapter sets for 3"):
-        plan_batches([{"a"}, {"b"}], [1, 2, 3], capacity=2)
-
-
-# ---- other architectures, import hygiene ----------------------------------------------------------
 
 def test_qwen2_k1_and_mixed_match_peft(tmp_path):
     """Qwen2 (biased q/k/v projections) through the same loader and layers."""

@@ -11,7 +11,7 @@ from routing.routers import UnknownTaskError, make_router
 from serve_app import launch
 from serve_app.client import SwitchboardClient
 from serve_app.contract import GenerationJob
-from serve_app.generator import Generator, RequestAbandonedError
+from serve_app.generator import Generator
 from serve_app.router import route_grouped
 from training.adapter import TrainSpec, train_adapters
 from training.catalog_build import build_catalog
@@ -47,6 +47,14 @@ def app(tmp_path_factory, tiny_base, free_port):
         launch.stop()
 
 
+def serve_info() -> dict:
+    from ray import serve
+
+    from serve_app.contract import APP_NAME
+
+    return serve.get_deployment_handle("Generator", APP_NAME).info.remote().result()
+
+
 @pytest.fixture
 def served(app):
     return app.client, app.catalog, app.test
@@ -64,7 +72,7 @@ def test_health_and_list_tasks(served):
 
 def test_route_top_k_weights(served):
     client, catalog, test = served
-    reply = client.route(test[0].input, top_k=3, temperature=0.5)
+    reply = client.route(test[0].input, top_k=3, routing_temperature=0.5)
     tasks = reply.decision.tasks
     assert len(tasks) == 3 and abs(sum(t.weight for t in tasks) - 1) < 1e-5
     assert reply.decision.router == "centroid" and reply.decision.catalog_version == catalog.version
@@ -137,7 +145,7 @@ def test_concurrent_mixed_requests_batch_and_agree_with_single_requests(served):
     (dict(router="oracle"), grpc.StatusCode.INVALID_ARGUMENT, "unknown router 'oracle'"),
     (dict(router="fixed"), grpc.StatusCode.INVALID_ARGUMENT, "needs route.task"),
     (dict(router="centroid", task="med/dose"), grpc.StatusCode.INVALID_ARGUMENT, "route.task is for the fixed router"),
-    (dict(top_k=3, temperature=1e-45), grpc.StatusCode.INVALID_ARGUMENT, "temperature must be in"),
+    (dict(top_k=3, routing_temperature=1e-45), grpc.StatusCode.INVALID_ARGUMENT, "temperature must be in"),
     (dict(text="The patient weighs 7 kg. " * 200), grpc.StatusCode.INVALID_ARGUMENT, "the base model's context is"),
 ])
 def test_bad_requests_get_status_codes_not_tracebacks(served, kwargs, code, message):
@@ -185,30 +193,38 @@ def test_a_client_that_gives_up_leaves_its_batch_and_the_replica_serving(app):
     assert results[1:] == [client.generate(t, max_new_tokens=8).text for t in texts[1:]]
 
 
-def test_generator_answers_each_call_as_it_returns_and_errors_stay_with_their_row(app):
-    """Three requests in one batch, on a Generator deployed beside the app with one adapter slot: their two
-    adapters need two `generate` calls, and each call's rows answer as it returns, the short prompts' call
-    first. In it, a decision with a non-finite weight (a router cannot make one, so it is built here) fails
-    the call; its rows are retried one by one and only that one gets the error."""
+def test_a_stream_closed_by_its_client_frees_its_slot(app):
+    """The client cancels a stream after its first chunk: the Generator retires the sequence at its next
+    step (counted in `aborted`), and nothing stays running or queued. (Sampled near-uniformly with a fixed
+    seed, so the answer does not end by itself before the cancel, on every run alike.)"""
+    import time
+
+    before = serve_info()["aborted"]
+    stream = app.client.generate_stream(app.test[0].input, task=KEYS[0], max_new_tokens=400, stop=["never-seen"],
+                                        sampling_temperature=50.0, seed=0)
+    next(stream)
+    stream.cancel()
+    deadline = time.monotonic() + 30
+    while (info := serve_info())["aborted"] == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert info["aborted"] == before + 1
+    while (info := serve_info())["running"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert info["running"] == info["waiting"] == 0 and info["kv_blocks_free"] == info["kv_blocks"]
+
+
+def test_a_one_slot_generator_makes_requests_wait_for_adapters_and_errors_stay_alone(app):
+    """On a Generator deployed beside the app with one adapter slot, requests on two adapters run one
+    adapter at a time (they wait, they do not fail) and answer as they would alone; a decision with a
+    non-finite weight (a router cannot make one, so it is built here) is refused alone."""
     from ray import serve
 
-    args = {"catalog": str(app.catalog.root), "max_loras": 1, "max_batch_size": 3, "batch_wait_timeout_s": 0.5}
+    args = {"catalog": str(app.catalog.root), "max_loras": 1}
     version = app.catalog.version
     long = GenerationJob(" ".join(r.input for r in app.test[:3]), RouteDecision(((KEYS[0], 1.0),), "fixed", version),
                          8)
     short = GenerationJob(app.test[0].input, RouteDecision(((KEYS[1], 1.0),), "fixed", version), 4)
     bad = GenerationJob(short.text, RouteDecision(((KEYS[1], float("nan")),), "fixed", version), 4)
-    in_process = Generator.func_or_class(args)
-    assert [sorted(answered) for answered in in_process._answers([long, short, bad])] == [[1, 2], [0]]
-    # The long prompt's client gives up while the first call runs: its call is skipped, not generated.
-    answers = in_process._answers([long, short, bad])
-    assert sorted(next(answers)) == [1, 2] and in_process.running == {long.request_id, short.request_id,
-                                                                       bad.request_id}
-    in_process.abandoned.add(long.request_id)
-    (skipped,) = list(answers)
-    assert list(skipped) == [0] and isinstance(skipped[0], RequestAbandonedError)
-    assert in_process.info()["abandoned_rows"] == 1 and not in_process.running and not in_process.abandoned
-
     generator = serve.run(Generator.bind(args), name="one-slot", route_prefix=None)
 
     def answer(job: GenerationJob):
@@ -218,13 +234,55 @@ def test_generator_answers_each_call_as_it_returns_and_errors_stay_with_their_ro
             return e
 
     try:
-        with ThreadPoolExecutor(3) as pool:  # a full batch: it starts when the third request arrives
+        with ThreadPoolExecutor(3) as pool:
             got_long, got_short, got_bad = pool.map(answer, (long, short, bad))
         alone = [answer(job).text for job in (long, short)]
+        info = generator.info.remote().result()
     finally:
         serve.delete("one-slot")
-    assert isinstance(got_bad, ValueError) and "not finite" in str(got_bad)
+    assert isinstance(got_bad, ValueError) and "finite" in str(got_bad)
     assert [got_long.text, got_short.text] == alone
+    assert info["running"] == info["waiting"] == 0 and info["kv_blocks_free"] == info["kv_blocks"]
+
+
+def test_streaming_over_grpc_equals_the_unary_answer(served):
+    client, catalog, test = served
+    text = test[1].input
+    whole = client.generate(text, task=KEYS[0], max_new_tokens=8)
+    chunks = list(client.generate_stream(text, task=KEYS[0], max_new_tokens=8))
+    assert "".join(c.text for c in chunks) == whole.text and len(chunks) >= 2
+    last = chunks[-1]
+    assert last.finish_reason == whole.finish_reason and last.new_tokens == whole.new_tokens
+    assert last.decision.catalog_version == catalog.version and last.decision.tasks[0].task == KEYS[0]
+    assert last.prompt_tokens == whole.prompt_tokens > 0 and 0 < last.ttft_ms <= last.total_ms
+    assert not any(c.finish_reason for c in chunks[:-1])
+    if len(whole.text) > 3:   # a stop string taken from the answer: never streamed, not even in part
+        stop = whole.text[1:3]
+        cut = list(client.generate_stream(text, task=KEYS[0], max_new_tokens=8, stop=[stop]))
+        assert "".join(c.text for c in cut) == whole.text[:whole.text.find(stop)]
+        assert cut[-1].finish_reason == "stop"
+
+
+def test_seeded_sampling_over_grpc_is_reproducible(served):
+    client, _, test = served
+    kw = dict(task=KEYS[1], max_new_tokens=8, sampling_temperature=1.5, top_p=0.95, seed=11)
+    assert client.generate(test[2].input, **kw).text == client.generate(test[2].input, **kw).text
+
+
+@pytest.mark.parametrize("kwargs, code, message", [
+    (dict(text=" "), grpc.StatusCode.INVALID_ARGUMENT, "text is empty"),
+    (dict(task="fin/nope"), grpc.StatusCode.NOT_FOUND, "unknown task 'fin/nope'"),
+    (dict(sampling_temperature=float("nan")), grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
+    (dict(top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p"),
+    (dict(text="The patient weighs 7 kg. " * 200), grpc.StatusCode.INVALID_ARGUMENT, "the base model's context is"),
+])
+def test_stream_errors_keep_their_status_codes(served, kwargs, code, message):
+    client, _, _ = served
+    text = kwargs.pop("text", "The patient weighs 7 kg.")
+    with pytest.raises(grpc.RpcError) as err:
+        list(client.generate_stream(text, **kwargs))
+    assert err.value.code() == code
+    assert message in err.value.details() and "Traceback" not in err.value.details()
 
 
 def test_catalog_switch_in_place_keeps_replicas_and_in_flight_requests(app, tiny_base):
@@ -308,3 +366,104 @@ def test_smollm2_adapter_served_over_grpc(tmp_path, free_port):
             assert reply.decision.tasks[0].task == key and 1 <= reply.new_tokens <= 4
     finally:
         launch.stop()
+
+
+# ---- OpenAI-compatible HTTP -------------------------------------------------------------------------
+
+@pytest.fixture
+def http_base(app) -> str:
+    return f"http://127.0.0.1:{app.config['http_options']['port']}/v1"
+
+
+def test_openai_models_and_completions_match_grpc(app, http_base):
+    from openai import OpenAI
+
+    oa = OpenAI(base_url=http_base, api_key="unused", max_retries=0)
+    models = oa.models.list()
+    assert [m.id for m in models.data] == ["auto", *sorted(KEYS)]
+    assert {m.model_extra["parent"] for m in models.data} == {app.catalog.base_model["id"]}
+    text = app.test[3].input
+    grpc_reply = app.client.generate(text, max_new_tokens=6)
+    raw = oa.completions.with_raw_response.create(model="auto", prompt=text, max_tokens=6)
+    done = raw.parse()
+    assert done.choices[0].text == grpc_reply.text
+    assert done.usage.completion_tokens == grpc_reply.new_tokens and done.usage.prompt_tokens == grpc_reply.prompt_tokens
+    routed = grpc_reply.decision.tasks[0].task
+    assert done.model_extra["switchboard"]["decision"]["tasks"][0]["task"] == routed
+    assert raw.headers["x-switchboard-route"].startswith(f"{routed}=")
+    assert raw.headers["x-switchboard-catalog-version"] == app.catalog.version
+    chunks = list(oa.completions.create(model=routed, prompt=text, max_tokens=6, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == grpc_reply.text
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length") and chunks[-1].usage.total_tokens > 0
+
+
+def test_openai_chat_streams_and_fuses(app, http_base):
+    from openai import OpenAI
+
+    oa = OpenAI(base_url=http_base, api_key="unused", max_retries=0)
+    text = app.test[5].input
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": text}]
+    whole = oa.chat.completions.create(model=KEYS[2], messages=messages, max_tokens=6)
+    # the tiny base has no chat template: the user's message goes through the task's template
+    assert whole.choices[0].message.content == app.client.generate(text, task=KEYS[2], max_new_tokens=6).text
+    pieces = list(oa.chat.completions.create(model=KEYS[2], messages=messages, max_tokens=6, stream=True))
+    assert pieces[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in pieces) == whole.choices[0].message.content
+    fused = oa.chat.completions.create(model="auto", messages=messages, max_tokens=4,
+                                       extra_body={"top_k": 3, "routing_temperature": 1.0})
+    tasks = fused.model_extra["switchboard"]["decision"]["tasks"]
+    assert len(tasks) == 3 and abs(sum(t["weight"] for t in tasks) - 1) < 1e-5
+
+
+@pytest.mark.parametrize("body, status, param, fragment", [
+    (b'{"model": "auto", "prompt": "x"', 400, None, "not valid JSON"),
+    (b'[1, 2]', 400, None, "JSON object"),
+    (b'{"model": "fin/nope", "prompt": "hello there"}', 404, "model", "does not exist"),
+    (b'{"model": "auto", "prompt": "hello", "max_tokens": 0}', 400, "max_tokens", "greater than or equal to 1"),
+    (b'{"model": "auto", "prompt": "hello", "n": 2}', 400, "n", "1"),
+    (b'{"model": "auto", "prompt": "hello", "temperature": -1}', 400, "temperature", "greater than or equal"),
+    (b'{"model": "auto", "prompt": "   "}', 400, None, "text is empty"),
+    (b'{"model": "auto"}', 400, "prompt", "Field required"),
+    (b'{"model": "med/dose", "prompt": "hello", "top_k": 2}', 400, "top_k", "model=auto"),
+])
+def test_openai_errors_are_error_objects(http_base, body, status, param, fragment):
+    import httpx
+
+    reply = httpx.post(f"{http_base}/completions", content=body, headers={"content-type": "application/json"})
+    assert reply.status_code == status
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
+    assert fragment in error["message"] and "Traceback" not in reply.text
+
+
+def test_unknown_http_paths_are_error_objects(http_base):
+    import httpx
+
+    reply = httpx.get(f"{http_base}/engines")
+    assert reply.status_code == 404 and "error" in reply.json()
+
+
+def test_a_full_queue_is_refused_with_resource_exhausted(app):
+    """One running sequence and one waiting at most: of five requests at once, some are refused with the
+    retryable overload error (RESOURCE_EXHAUSTED / HTTP 429), the others answered."""
+    from ray import serve
+
+    from serve_app.contract import OverloadedError
+
+    args = {"catalog": str(app.catalog.root), "max_num_seqs": 1, "max_queued_requests": 1}
+    job = GenerationJob(app.test[0].input, RouteDecision(((KEYS[0], 1.0),), "fixed", app.catalog.version), 16)
+    generator = serve.run(Generator.bind(args), name="tight", route_prefix=None)
+
+    def answer(i: int):
+        try:
+            return generator.generate.remote(GenerationJob(job.text, job.decision, 16, stop=("never",))).result()
+        except OverloadedError as e:
+            return e
+
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            got = list(pool.map(answer, range(5)))
+    finally:
+        serve.delete("tight")
+    refused = [g for g in got if isinstance(g, OverloadedError)]
+    assert refused and len(refused) < 5 and "retry later" in str(refused[0])

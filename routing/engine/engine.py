@@ -7,6 +7,7 @@ loop and streams the `Event`s out. Tests drive `step()` directly.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -79,6 +80,8 @@ class Engine:
         unknown = [k for k, _ in routes if k not in self.store.paths]
         if unknown:
             raise KeyError(f"adapters not in this engine's catalog: {unknown}")
+        if not all(math.isfinite(w) for _, w in routes):
+            raise ValueError(f"route weights must be finite: {routes}")
         budget = max_new_tokens if self.context is None else min(max_new_tokens, self.context - len(prompt))
         seq = Sequence(request_id, list(prompt), tuple(routes), budget, sampling)
         self.scheduler.add(seq)

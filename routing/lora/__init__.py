@@ -2,12 +2,12 @@
 
 `FusedLoraModel` swaps a causal LM's target linears for `FusedLoraLinear`; `AdapterStore` keeps
 the adapters a batch needs resident (LRU); `generate` runs one mixed batch, each row routed to one
-adapter, a weighted K-way fusion, or the bare base; `plan_batches` splits a server batch into such
-calls. Kernels sit behind `LoraBackend`.
+adapter, a weighted K-way fusion, or the bare base (the static path: peft-exactness tests, Successive
+Halving, benchmarks; serving runs the continuous-batching engine of `routing.engine` over the same fused
+layers). Kernels sit behind `LoraBackend`.
 """
 
 from routing.lora.backend import LoraBackend, TorchReferenceBackend, get_backend
-from routing.lora.batching import plan_batches
 from routing.lora.generate import Generation, generate
 from routing.lora.layer import FusedLoraLinear, RoutingState
 from routing.adapter_config import AdapterLoadError, read_adapter_config
@@ -17,5 +17,5 @@ from routing.lora.store import AdapterStore, CapacityError
 __all__ = [
     "DEFAULT_TARGET_MODULES", "AdapterLoadError", "AdapterStore", "CapacityError", "FusedLoraLinear",
     "FusedLoraModel", "Generation", "LoadedAdapter", "LoraBackend", "RoutingState", "TorchReferenceBackend",
-    "generate", "get_backend", "plan_batches", "read_adapter_config",
+    "generate", "get_backend", "read_adapter_config",
 ]

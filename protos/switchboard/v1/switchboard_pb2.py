@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'protos/switchboard/v1/switchboard.proto\x12\x0eswitchboard.v1\"P\n\x0cRouteOptions\x12\x0e\n\x06router\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\"9\n\nTaskWeight\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\x12\r\n\x05score\x18\x03 \x01(\x02\"c\n\rRouteDecision\x12)\n\x05tasks\x18\x01 \x03(\x0b\x32\x1a.switchboard.v1.TaskWeight\x12\x0e\n\x06router\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x61talog_version\x18\x03 \x01(\t\"\x85\x01\n\x0fGenerateRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x05route\x18\x02 \x01(\x0b\x32\x1c.switchboard.v1.RouteOptions\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\tbase_only\x18\x05 \x01(\x08\"\xa3\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0b\x32\x1d.switchboard.v1.RouteDecision\x12\x12\n\nnew_tokens\x18\x03 \x01(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x10\n\x08route_ms\x18\x05 \x01(\x02\x12\x13\n\x0bgenerate_ms\x18\x06 \x01(\x02\"I\n\x0cRouteRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x05route\x18\x02 \x01(\x0b\x32\x1c.switchboard.v1.RouteOptions\"R\n\rRouteResponse\x12/\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x1d.switchboard.v1.RouteDecision\x12\x10\n\x08route_ms\x18\x02 \x01(\x02\"\x12\n\x10ListTasksRequest\"\x7f\n\x04Task\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x0e\n\x06metric\x18\x04 \x01(\t\x12\x13\n\x0bhas_adapter\x18\x05 \x01(\x08\x12\x14\n\x0clora_variant\x18\x06 \x01(\t\x12\x11\n\tlora_rank\x18\x07 \x01(\x05\"e\n\x11ListTasksResponse\x12#\n\x05tasks\x18\x01 \x03(\x0b\x32\x14.switchboard.v1.Task\x12\x17\n\x0f\x63\x61talog_version\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\"\x0f\n\rHealthRequest\"^\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x61talog_version\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x0f\n\x07routers\x18\x04 \x03(\t2\xbd\x02\n\x0bSwitchboard\x12M\n\x08Generate\x12\x1f.switchboard.v1.GenerateRequest\x1a .switchboard.v1.GenerateResponse\x12\x44\n\x05Route\x12\x1c.switchboard.v1.RouteRequest\x1a\x1d.switchboard.v1.RouteResponse\x12P\n\tListTasks\x12 .switchboard.v1.ListTasksRequest\x1a!.switchboard.v1.ListTasksResponse\x12G\n\x06Health\x12\x1d.switchboard.v1.HealthRequest\x1a\x1e.switchboard.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'protos/switchboard/v1/switchboard.proto\x12\x0eswitchboard.v1\"P\n\x0cRouteOptions\x12\x0e\n\x06router\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\"9\n\nTaskWeight\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\x12\r\n\x05score\x18\x03 \x01(\x02\"c\n\rRouteDecision\x12)\n\x05tasks\x18\x01 \x03(\x0b\x32\x1a.switchboard.v1.TaskWeight\x12\x0e\n\x06router\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x61talog_version\x18\x03 \x01(\t\"\xb1\x01\n\x0fGenerateRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x05route\x18\x02 \x01(\x0b\x32\x1c.switchboard.v1.RouteOptions\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\tbase_only\x18\x05 \x01(\x08\x12*\n\x08sampling\x18\x06 \x01(\x0b\x32\x18.switchboard.v1.Sampling\"J\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xcb\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0b\x32\x1d.switchboard.v1.RouteDecision\x12\x12\n\nnew_tokens\x18\x03 \x01(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x10\n\x08route_ms\x18\x05 \x01(\x02\x12\x13\n\x0bgenerate_ms\x18\x06 \x01(\x02\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x05\x12\x0f\n\x07ttft_ms\x18\x08 \x01(\x02\"\xc5\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12/\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0b\x32\x1d.switchboard.v1.RouteDecision\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x12\n\nnew_tokens\x18\x05 \x01(\x05\x12\x10\n\x08route_ms\x18\x06 \x01(\x02\x12\x0f\n\x07ttft_ms\x18\x07 \x01(\x02\x12\x10\n\x08total_ms\x18\x08 \x01(\x02\"I\n\x0cRouteRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x05route\x18\x02 \x01(\x0b\x32\x1c.switchboard.v1.RouteOptions\"R\n\rRouteResponse\x12/\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x1d.switchboard.v1.RouteDecision\x12\x10\n\x08route_ms\x18\x02 \x01(\x02\"\x12\n\x10ListTasksRequest\"\x7f\n\x04Task\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x0e\n\x06metric\x18\x04 \x01(\t\x12\x13\n\x0bhas_adapter\x18\x05 \x01(\x08\x12\x14\n\x0clora_variant\x18\x06 \x01(\t\x12\x11\n\tlora_rank\x18\x07 \x01(\x05\"e\n\x11ListTasksResponse\x12#\n\x05tasks\x18\x01 \x03(\x0b\x32\x14.switchboard.v1.Task\x12\x17\n\x0f\x63\x61talog_version\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\"\x0f\n\rHealthRequest\"^\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x61talog_version\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x0f\n\x07routers\x18\x04 \x03(\t2\x91\x03\n\x0bSwitchboard\x12M\n\x08Generate\x12\x1f.switchboard.v1.GenerateRequest\x1a .switchboard.v1.GenerateResponse\x12R\n\x0eGenerateStream\x12\x1f.switchboard.v1.GenerateRequest\x1a\x1d.switchboard.v1.GenerateChunk0\x01\x12\x44\n\x05Route\x12\x1c.switchboard.v1.RouteRequest\x1a\x1d.switchboard.v1.RouteResponse\x12P\n\tListTasks\x12 .switchboard.v1.ListTasksRequest\x1a!.switchboard.v1.ListTasksResponse\x12G\n\x06Health\x12\x1d.switchboard.v1.HealthRequest\x1a\x1e.switchboard.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,23 +38,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTEDECISION']._serialized_start=200
   _globals['_ROUTEDECISION']._serialized_end=299
   _globals['_GENERATEREQUEST']._serialized_start=302
-  _globals['_GENERATEREQUEST']._serialized_end=435
-  _globals['_GENERATERESPONSE']._serialized_start=438
-  _globals['_GENERATERESPONSE']._serialized_end=601
-  _globals['_ROUTEREQUEST']._serialized_start=603
-  _globals['_ROUTEREQUEST']._serialized_end=676
-  _globals['_ROUTERESPONSE']._serialized_start=678
-  _globals['_ROUTERESPONSE']._serialized_end=760
-  _globals['_LISTTASKSREQUEST']._serialized_start=762
-  _globals['_LISTTASKSREQUEST']._serialized_end=780
-  _globals['_TASK']._serialized_start=782
-  _globals['_TASK']._serialized_end=909
-  _globals['_LISTTASKSRESPONSE']._serialized_start=911
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1012
-  _globals['_HEALTHREQUEST']._serialized_start=1014
-  _globals['_HEALTHREQUEST']._serialized_end=1029
-  _globals['_HEALTHRESPONSE']._serialized_start=1031
-  _globals['_HEALTHRESPONSE']._serialized_end=1125
-  _globals['_SWITCHBOARD']._serialized_start=1128
-  _globals['_SWITCHBOARD']._serialized_end=1445
+  _globals['_GENERATEREQUEST']._serialized_end=479
+  _globals['_SAMPLING']._serialized_start=481
+  _globals['_SAMPLING']._serialized_end=555
+  _globals['_GENERATERESPONSE']._serialized_start=558
+  _globals['_GENERATERESPONSE']._serialized_end=761
+  _globals['_GENERATECHUNK']._serialized_start=764
+  _globals['_GENERATECHUNK']._serialized_end=961
+  _globals['_ROUTEREQUEST']._serialized_start=963
+  _globals['_ROUTEREQUEST']._serialized_end=1036
+  _globals['_ROUTERESPONSE']._serialized_start=1038
+  _globals['_ROUTERESPONSE']._serialized_end=1120
+  _globals['_LISTTASKSREQUEST']._serialized_start=1122
+  _globals['_LISTTASKSREQUEST']._serialized_end=1140
+  _globals['_TASK']._serialized_start=1142
+  _globals['_TASK']._serialized_end=1269
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1271
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1372
+  _globals['_HEALTHREQUEST']._serialized_start=1374
+  _globals['_HEALTHREQUEST']._serialized_end=1389
+  _globals['_HEALTHRESPONSE']._serialized_start=1391
+  _globals['_HEALTHRESPONSE']._serialized_end=1485
+  _globals['_SWITCHBOARD']._serialized_start=1488
+  _globals['_SWITCHBOARD']._serialized_end=1889
 # @@protoc_insertion_point(module_scope)

@@ -39,6 +39,11 @@ class SwitchboardStub:
                 request_serializer=protos_dot_switchboard_dot_v1_dot_switchboard__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=protos_dot_switchboard_dot_v1_dot_switchboard__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateStream = channel.unary_stream(
+                '/switchboard.v1.Switchboard/GenerateStream',
+                request_serializer=protos_dot_switchboard_dot_v1_dot_switchboard__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=protos_dot_switchboard_dot_v1_dot_switchboard__pb2.GenerateChunk.FromString,
+                _registered_method=True)
         self.Route = channel.unary_unary(
                 '/switchboard.v1.Switchboard/Route',
                 request_serializer=protos_dot_switchboard_dot_v1_dot_switchboard__pb2.RouteRequest.SerializeToString,
@@ -61,6 +66,14 @@ class SwitchboardServicer:
 
     def Generate(self, request, context):
         """Route the text to adapter(s), apply the task template, generate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateStream(self, request, context):
+        """The same, streamed as it is made: text deltas (whole characters, never part of a stop string),
+        then a last chunk with the route decision, finish_reason, token counts and timings.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,6 +107,11 @@ def add_SwitchboardServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=protos_dot_switchboard_dot_v1_dot_switchboard__pb2.GenerateRequest.FromString,
                     response_serializer=protos_dot_switchboard_dot_v1_dot_switchboard__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=protos_dot_switchboard_dot_v1_dot_switchboard__pb2.GenerateRequest.FromString,
+                    response_serializer=protos_dot_switchboard_dot_v1_dot_switchboard__pb2.GenerateChunk.SerializeToString,
             ),
             'Route': grpc.unary_unary_rpc_method_handler(
                     servicer.Route,
@@ -138,6 +156,33 @@ class Switchboard:
             '/switchboard.v1.Switchboard/Generate',
             protos_dot_switchboard_dot_v1_dot_switchboard__pb2.GenerateRequest.SerializeToString,
             protos_dot_switchboard_dot_v1_dot_switchboard__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/switchboard.v1.Switchboard/GenerateStream',
+            protos_dot_switchboard_dot_v1_dot_switchboard__pb2.GenerateRequest.SerializeToString,
+            protos_dot_switchboard_dot_v1_dot_switchboard__pb2.GenerateChunk.FromString,
             options,
             channel_credentials,
             insecure,
