@@ -424,7 +424,7 @@ def test_openai_chat_streams_and_fuses(app, http_base):
     (b'{"model": "auto", "prompt": "hello", "temperature": -1}', 400, "temperature", "greater than or equal"),
     (b'{"model": "auto", "prompt": "   "}', 400, None, "text is empty"),
     (b'{"model": "auto"}', 400, "prompt", "Field required"),
-    (b'{"model": "med/dose", "prompt": "hello", "top_k": 2}', 400, "top_k", "model=auto"),
+    (b'{"model": "med/dose", "prompt": "hello", "top_k": 2}', 400, "top_k", "use model 'auto'"),
 ])
 def test_openai_errors_are_error_objects(http_base, body, status, param, fragment):
     import httpx
