@@ -6,7 +6,8 @@ adapter, a weighted K-way fusion, or the bare base; `plan_batches` splits a serv
 calls. Kernels sit behind `LoraBackend`.
 """
 
-from routing.lora.backend import LoraBackend, TorchReferenceBackend, get_backend
+from routing.lora.backend import (CpuLoraBackend, LoraBackend, SlotGroupedBackend, TorchReferenceBackend,
+                                  get_backend)
 from routing.lora.batching import plan_batches
 from routing.lora.generate import Generation, generate
 from routing.lora.layer import FusedLoraLinear, RoutingState
@@ -15,7 +16,8 @@ from routing.lora.model import DEFAULT_TARGET_MODULES, FusedLoraModel, LoadedAda
 from routing.lora.store import AdapterStore, CapacityError
 
 __all__ = [
-    "DEFAULT_TARGET_MODULES", "AdapterLoadError", "AdapterStore", "CapacityError", "FusedLoraLinear",
-    "FusedLoraModel", "Generation", "LoadedAdapter", "LoraBackend", "RoutingState", "TorchReferenceBackend",
+    "DEFAULT_TARGET_MODULES", "AdapterLoadError", "AdapterStore", "CapacityError", "CpuLoraBackend",
+    "FusedLoraLinear", "FusedLoraModel", "Generation", "LoadedAdapter", "LoraBackend", "RoutingState",
+    "SlotGroupedBackend", "TorchReferenceBackend",
     "generate", "get_backend", "plan_batches", "read_adapter_config",
 ]

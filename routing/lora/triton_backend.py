@@ -1,0 +1,158 @@
+"""`TritonBackend`: multi-LoRA shrink/expand kernels reading A and B straight from the slot stacks.
+
+Punica/S-LoRA style: no per-row copy of adapter weights is ever made. One `add_lora` is two launches:
+
+    shrink  h[b, t, k, :] = coeff[b, k] · x[b, t] @ A[idx[b, k]].T        (B, T, K, R) fp32
+    expand  y[b, t, :]   += Σ_k h[b, t, k, :] @ B[idx[b, k]].T             in place, fp32 accumulation
+
+with coeff = routing weight × adapter scale (0 where idx = -1), applied inside shrink. Each program
+looks its slot up from `idx` and loads that adapter's tiles directly from the (L, R, in) / (L, out, R)
+stacks, so the only per-step memory is `h` (B·T·K·R floats) and the (B, K) coefficients.
+
+Two forms, chosen by T:
+  * prefill (T > 1), segmented: a row's T tokens share its adapters, so each (row, k) is one
+    (T × in) @ (in × R) matmul on tensor cores (`tl.dot`, BLOCK_M tokens per program);
+  * decode (T == 1), gathered vector (BGMV): one program per (row, k) reduces the row's vector
+    against its gathered adapter tile on CUDA cores; `tl.dot` needs M >= 16, and one token has 1.
+Ranks below the slot's R are zero-padded (exact); R is padded to a power of two >= 16 with masks.
+bf16/fp16 inputs accumulate in fp32; fp32 inputs use IEEE fp32 dots (no TF32), so the fp32 path
+matches `TorchReferenceBackend` to float rounding. Rows with no adapter are never written, so a
+bare-base row is bit-identical to the base layer's output.
+
+With `TRITON_INTERPRET=1` in the environment *before triton is first imported* (triton.language's
+own helpers are decorated at import time, so the mode is fixed per process), the same kernels run
+in Triton's interpreter on CPU tensors: that is how the default test suite checks them without a GPU
+(`tests/conftest.py` sets it when CUDA is absent).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from routing.lora.backend import LoraBackend
+
+BLOCK_K = 64   # input features per shrink iteration
+BLOCK_N = 64   # output features per expand program
+BLOCK_M = 16   # tokens per program in the segmented (prefill) form; tl.dot's minimum M
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, a_ptr, idx_ptr, coeff_ptr, h_ptr,
+                   T, D_IN, R, K,
+                   sx_b, sx_t, sa_l, sa_r, sh_b, sh_t, sh_k,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                   USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """h[b, t, k, :R] = coeff[b, k] * x[b, t] @ A[idx[b, k]].T; grid (B, K, cdiv(T, BLOCK_M))."""
+    b = tl.program_id(0)
+    k = tl.program_id(1)
+    m = tl.program_id(2)
+    slot = tl.load(idx_ptr + b * K + k)
+    r_live = tl.where(slot >= 0, R, 0)  # a (row, k) with no adapter loads nothing: h = 0 exactly
+    slot = tl.maximum(slot, 0)
+    coeff = tl.load(coeff_ptr + b * K + k)
+    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, D_IN, BLOCK_K):
+        cols = k0 + offs_k
+        x_mask = (offs_m[:, None] < T) & (cols[None, :] < D_IN)
+        x = tl.load(x_ptr + b * sx_b + offs_m[:, None] * sx_t + cols[None, :], mask=x_mask, other=0.0)
+        a_mask = (offs_r[:, None] < r_live) & (cols[None, :] < D_IN)
+        a = tl.load(a_ptr + slot * sa_l + offs_r[:, None] * sa_r + cols[None, :], mask=a_mask, other=0.0)
+        if USE_DOT:
+            acc += tl.dot(x, tl.trans(a), input_precision=DOT_PRECISION)
+        else:
+            acc += tl.sum(x[:, None, :].to(tl.float32) * a[None, :, :].to(tl.float32), axis=2)
+    h_mask = (offs_m[:, None] < T) & (offs_r[None, :] < R)
+    tl.store(h_ptr + b * sh_b + offs_m[:, None] * sh_t + k * sh_k + offs_r[None, :], acc * coeff, mask=h_mask)
+
+
+@triton.jit
+def _expand_kernel(h_ptr, b_ptr, idx_ptr, y_ptr,
+                   T, D_OUT, R, K,
+                   sh_b, sh_t, sh_k, sb_l, sb_o, sy_b, sy_t,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_KK: tl.constexpr,
+                   USE_DOT: tl.constexpr):
+    """y[b, t, n] += sum_k h[b, t, k, :] . B[idx[b, k], n, :]; grid (B, cdiv(T, BLOCK_M), cdiv(out, BLOCK_N))."""
+    b = tl.program_id(0)
+    m = tl.program_id(1)
+    n = tl.program_id(2)
+    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_kk = tl.arange(0, BLOCK_KK)
+    slots = tl.load(idx_ptr + b * K + offs_kk, mask=offs_kk < K, other=-1)
+    n_live = tl.sum((slots >= 0).to(tl.int32), axis=0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K):
+        slot = tl.load(idx_ptr + b * K + k)
+        r_live = tl.where(slot >= 0, R, 0)
+        slot = tl.maximum(slot, 0)
+        h_mask = (offs_m[:, None] < T) & (offs_r[None, :] < r_live)
+        h = tl.load(h_ptr + b * sh_b + offs_m[:, None] * sh_t + k * sh_k + offs_r[None, :], mask=h_mask, other=0.0)
+        w_mask = (offs_n[:, None] < D_OUT) & (offs_r[None, :] < r_live)
+        w = tl.load(b_ptr + slot * sb_l + offs_n[:, None] * sb_o + offs_r[None, :], mask=w_mask, other=0.0)
+        if USE_DOT:
+            acc += tl.dot(h, tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            acc += tl.sum(h[:, None, :] * w[None, :, :].to(tl.float32), axis=2)
+    # a row with no adapter is never written: its output stays the base layer's, bit for bit
+    y_mask = (offs_m[:, None] < tl.where(n_live > 0, T, 0)) & (offs_n[None, :] < D_OUT)
+    y_ptrs = y_ptr + b * sy_b + offs_m[:, None] * sy_t + offs_n[None, :]
+    y = tl.load(y_ptrs, mask=y_mask, other=0.0)
+    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=y_mask)
+
+
+def interpreting() -> bool:
+    """Triton runs kernels in its CPU interpreter in this process (TRITON_INTERPRET=1 at import)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+class TritonBackend(LoraBackend):
+    """Segmented (prefill) and gathered-vector (decode) shrink/expand kernels; see the module doc.
+
+    `prepare` only turns routing into per-(row, k) coefficients (B·K floats): nothing that grows
+    with the adapters' size is cached or copied, so per-step routing changes cost nothing.
+    """
+
+    def prepare(self, a_stack, b_stack, scale, indices, weights):
+        """(a_stack, b_stack, indices int32, coeff fp32 (B, K)), or None when no row uses an adapter."""
+        valid = indices >= 0
+        if not bool(valid.any()):
+            return None
+        idx = indices.clamp(min=0)
+        coeff = torch.where(valid, weights.float() * scale.float()[idx], torch.zeros((), device=scale.device))
+        return a_stack, b_stack, indices.to(torch.int32).contiguous(), coeff.contiguous()
+
+    def apply(self, y, x, prepared):
+        if prepared is None:
+            return y
+        a_stack, b_stack, idx, coeff = prepared
+        bsz, t, d_in = x.shape
+        _, r, _ = a_stack.shape
+        d_out, k = b_stack.shape[1], idx.shape[1]
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        if y.stride(-1) != 1 or not a_stack.is_contiguous() or not b_stack.is_contiguous():
+            raise ValueError("TritonBackend needs y with unit inner stride and contiguous slot stacks")
+        block_r = max(16, triton.next_power_of_2(r))
+        use_dot = t > 1
+        block_m = BLOCK_M if use_dot else 1
+        h = torch.empty((bsz, t, k, r), dtype=torch.float32, device=x.device)
+        precision = "ieee" if x.dtype == torch.float32 else "tf32"  # ignored for bf16/fp16 inputs
+        _shrink_kernel[(bsz, k, triton.cdiv(t, block_m))](
+            x, a_stack, idx, coeff, h, t, d_in, r, k,
+            x.stride(0), x.stride(1), a_stack.stride(0), a_stack.stride(1), h.stride(0), h.stride(1), h.stride(2),
+            BLOCK_M=block_m, BLOCK_K=BLOCK_K, BLOCK_R=block_r, USE_DOT=use_dot, DOT_PRECISION=precision)
+        _expand_kernel[(bsz, triton.cdiv(t, block_m), triton.cdiv(d_out, BLOCK_N))](
+            h, b_stack, idx, y, t, d_out, r, k,
+            h.stride(0), h.stride(1), h.stride(2), b_stack.stride(0), b_stack.stride(1), y.stride(0), y.stride(1),
+            BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_R=block_r, BLOCK_KK=triton.next_power_of_2(k),
+            USE_DOT=use_dot)
+        return y
+
+    def add_lora(self, y, x, a_stack, b_stack, scale, indices, weights):
+        return self.apply(y, x, self.prepare(a_stack, b_stack, scale, indices, weights))

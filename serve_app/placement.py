@@ -1,0 +1,26 @@
+"""A deployment's placement from its `AppArgs` and what Ray gave the replica.
+
+`routing.devices` holds the rule and never imports ray; this is the one place that asks Ray whether
+the replica was assigned a GPU (its deployment's `ray_actor_options.num_gpus`).
+"""
+
+from __future__ import annotations
+
+import ray
+
+from routing.devices import Placement, resolve_placement
+
+from .config import AppArgs
+
+
+def gpu_assigned() -> bool:
+    """Ray assigned this worker at least one GPU (False outside a Ray worker)."""
+    try:
+        return bool(ray.get_gpu_ids())
+    except Exception:  # noqa: BLE001 - not in a Ray worker (e.g. a local test): no GPU was assigned
+        return False
+
+
+def replica_placement(cfg: AppArgs, who: str) -> Placement:
+    """`cfg.device`/`cfg.dtype` resolved for deployment `who`; raises `PlacementError` at start-up."""
+    return resolve_placement(cfg.device, cfg.dtype, gpu_assigned=gpu_assigned(), who=who)
