@@ -190,12 +190,12 @@ COMPILE = textwrap.dedent("""
     for arch in (80, 90):
         for dt in ("bf16", "fp16", "fp32"):
             for dot, bm in ((True, 16), (False, 1)):
-                sig = dict(zip(_shrink_kernel.arg_names, [f"*{dt}", f"*{dt}", "*i32", "*fp32", "*fp32"]
+                sig = dict(zip(_shrink_kernel.arg_names, [f"*{dt}", f"*{dt}", "*i64", "*fp32", "*fp32", "*fp32"]
                                + ["i32"] * 11 + ["constexpr"] * 5))
                 triton.compile(ASTSource(_shrink_kernel, sig, constexprs=dict(
                     BLOCK_M=bm, BLOCK_K=64, BLOCK_R=16, USE_DOT=dot, DOT_PRECISION="ieee" if dt == "fp32" else "tf32")),
                     target=GPUTarget("cuda", arch, 32))
-                sig = dict(zip(_expand_kernel.arg_names, ["*fp32", f"*{dt}", "*i32", f"*{dt}"]
+                sig = dict(zip(_expand_kernel.arg_names, ["*fp32", f"*{dt}", "*i64", f"*{dt}"]
                                + ["i32"] * 11 + ["constexpr"] * 5))
                 triton.compile(ASTSource(_expand_kernel, sig, constexprs=dict(
                     BLOCK_M=bm, BLOCK_N=64, BLOCK_R=16, BLOCK_KK=4, USE_DOT=dot)), target=GPUTarget("cuda", arch, 32))

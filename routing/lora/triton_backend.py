@@ -2,12 +2,13 @@
 
 Punica/S-LoRA style: no per-row copy of adapter weights is ever made. One `add_lora` is two launches:
 
-    shrink  h[b, t, k, :] = coeff[b, k] · x[b, t] @ A[idx[b, k]].T        (B, T, K, R) fp32
-    expand  y[b, t, :]   += Σ_k h[b, t, k, :] @ B[idx[b, k]].T             in place, fp32 accumulation
+    shrink  h[b, t, k, :] = w[b, k] · scale[i] · x[b, t] @ A[i].T,  i = idx[b, k]   (B, T, K, R) fp32
+    expand  y[b, t, :]   += Σ_k h[b, t, k, :] @ B[idx[b, k]].T                      in place, fp32 accumulation
 
-with coeff = routing weight × adapter scale (0 where idx = -1), applied inside shrink. Each program
-looks its slot up from `idx` and loads that adapter's tiles directly from the (L, R, in) / (L, out, R)
-stacks, so the only per-step memory is `h` (B·T·K·R floats) and the (B, K) coefficients.
+The routing weight and the adapter's scale are applied inside shrink (a pair with idx = -1 loads
+nothing and contributes exactly 0). Each program looks its slot up from `idx` and loads that
+adapter's tiles directly from the (L, R, in) / (L, out, R) stacks, so the only per-step memory is
+`h` (B·T·K·R floats), and a routing change costs nothing: no gather, no host sync.
 
 Two forms, chosen by T:
   * prefill (T > 1), segmented: a row's T tokens share its adapters, so each (row, k) is one
@@ -39,19 +40,19 @@ BLOCK_M = 16   # tokens per program in the segmented (prefill) form; tl.dot's mi
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, idx_ptr, coeff_ptr, h_ptr,
+def _shrink_kernel(x_ptr, a_ptr, idx_ptr, w_ptr, scale_ptr, h_ptr,
                    T, D_IN, R, K,
                    sx_b, sx_t, sa_l, sa_r, sh_b, sh_t, sh_k,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """h[b, t, k, :R] = coeff[b, k] * x[b, t] @ A[idx[b, k]].T; grid (B, K, cdiv(T, BLOCK_M))."""
+    """h[b, t, k, :R] = w[b, k] * scale[i] * x[b, t] @ A[i].T, i = idx[b, k]; grid (B, K, cdiv(T, BLOCK_M))."""
     b = tl.program_id(0)
     k = tl.program_id(1)
     m = tl.program_id(2)
     slot = tl.load(idx_ptr + b * K + k)
     r_live = tl.where(slot >= 0, R, 0)  # a (row, k) with no adapter loads nothing: h = 0 exactly
     slot = tl.maximum(slot, 0)
-    coeff = tl.load(coeff_ptr + b * K + k)
+    coeff = tl.load(w_ptr + b * K + k).to(tl.float32) * tl.load(scale_ptr + slot).to(tl.float32)
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
@@ -114,23 +115,15 @@ def interpreting() -> bool:
 class TritonBackend(LoraBackend):
     """Segmented (prefill) and gathered-vector (decode) shrink/expand kernels; see the module doc.
 
-    `prepare` only turns routing into per-(row, k) coefficients (B·K floats): nothing that grows
-    with the adapters' size is cached or copied, so per-step routing changes cost nothing.
+    `prepare` does nothing (the kernels read the routing tensors as they are), so a routing that
+    changes every decoding step costs nothing beyond the two launches per layer.
     """
 
     def prepare(self, a_stack, b_stack, scale, indices, weights):
-        """(a_stack, b_stack, indices int32, coeff fp32 (B, K)), or None when no row uses an adapter."""
-        valid = indices >= 0
-        if not bool(valid.any()):
-            return None
-        idx = indices.clamp(min=0)
-        coeff = torch.where(valid, weights.float() * scale.float()[idx], torch.zeros((), device=scale.device))
-        return a_stack, b_stack, indices.to(torch.int32).contiguous(), coeff.contiguous()
+        return a_stack, b_stack, scale, indices.contiguous(), weights.contiguous()
 
     def apply(self, y, x, prepared):
-        if prepared is None:
-            return y
-        a_stack, b_stack, idx, coeff = prepared
+        a_stack, b_stack, scale, idx, weights = prepared
         bsz, t, d_in = x.shape
         _, r, _ = a_stack.shape
         d_out, k = b_stack.shape[1], idx.shape[1]
@@ -144,7 +137,7 @@ class TritonBackend(LoraBackend):
         h = torch.empty((bsz, t, k, r), dtype=torch.float32, device=x.device)
         precision = "ieee" if x.dtype == torch.float32 else "tf32"  # ignored for bf16/fp16 inputs
         _shrink_kernel[(bsz, k, triton.cdiv(t, block_m))](
-            x, a_stack, idx, coeff, h, t, d_in, r, k,
+            x, a_stack, idx, weights, scale, h, t, d_in, r, k,
             x.stride(0), x.stride(1), a_stack.stride(0), a_stack.stride(1), h.stride(0), h.stride(1), h.stride(2),
             BLOCK_M=block_m, BLOCK_K=BLOCK_K, BLOCK_R=block_r, USE_DOT=use_dot, DOT_PRECISION=precision)
         _expand_kernel[(bsz, triton.cdiv(t, block_m), triton.cdiv(d_out, BLOCK_N))](
