@@ -14,11 +14,9 @@ from .config import AppArgs
 
 
 def gpu_assigned() -> bool:
-    """Ray assigned this worker at least one GPU (False outside a Ray worker)."""
-    try:
-        return bool(ray.get_gpu_ids())
-    except Exception:  # noqa: BLE001 - not in a Ray worker (e.g. a local test): no GPU was assigned
-        return False
+    """Ray assigned this worker at least one GPU; False outside Ray (where `ray.get_gpu_ids()` would
+    start a local Ray instance just to answer)."""
+    return ray.is_initialized() and bool(ray.get_gpu_ids())
 
 
 def replica_placement(cfg: AppArgs, who: str) -> Placement:
