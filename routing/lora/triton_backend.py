@@ -8,7 +8,8 @@ Punica/S-LoRA style: no per-row copy of adapter weights is ever made. One `add_l
 The routing weight and the adapter's scale are applied inside shrink (a pair with idx = -1 loads
 nothing and contributes exactly 0). Each program looks its slot up from `idx` and loads that
 adapter's tiles directly from the (L, R, in) / (L, out, R) stacks, so the only per-step memory is
-`h` (B·T·K·R floats), and a routing change costs nothing: no gather, no host sync.
+`h` (B·T·K·R floats; ×in/512 partial sums when decoding, split-K), and a routing change costs
+nothing: no gather, no host sync.
 
 Two forms, chosen by T:
   * prefill (T > 1), segmented: a row's T tokens share its adapters, so each (row, k) is one
@@ -34,21 +35,27 @@ import triton.language as tl
 
 from routing.lora.backend import LoraBackend
 
-BLOCK_K = 64   # input features per shrink iteration
-BLOCK_N = 64   # output features per expand program
-BLOCK_M = 16   # tokens per program in the segmented (prefill) form; tl.dot's minimum M
+BLOCK_K = 64         # input features per shrink iteration
+BLOCK_N = 64         # output features per expand program
+DECODE_CHUNK = 512   # input features per decode shrink program (split-K: B*K programs alone idle most SMs)
 
 
 @triton.jit
 def _shrink_kernel(x_ptr, a_ptr, idx_ptr, w_ptr, scale_ptr, h_ptr,
-                   T, D_IN, R, K,
-                   sx_b, sx_t, sa_l, sa_r, sh_b, sh_t, sh_k,
+                   T, D_IN, R, K, SPLIT, CHUNK,
+                   sx_b, sx_t, sa_l, sa_r, sh_s, sh_b, sh_t, sh_k,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """h[b, t, k, :R] = w[b, k] * scale[i] * x[b, t] @ A[i].T, i = idx[b, k]; grid (B, K, cdiv(T, BLOCK_M))."""
-    b = tl.program_id(0)
+    """h[s, b, t, k, :R] = w[b, k] * scale[i] * x[b, t, chunk s] @ A[i, :, chunk s].T, i = idx[b, k].
+
+    Grid (B, K, cdiv(T, BLOCK_M) * SPLIT): input features are split in SPLIT chunks of CHUNK (a
+    multiple of BLOCK_K) so that a decode step, B*K programs otherwise, fills the GPU; the expand
+    kernel sums the SPLIT partial results (in a fixed order: deterministic, no atomics).
+    """
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B*T*in can pass 2**31 at 8B shapes
     k = tl.program_id(1)
-    m = tl.program_id(2)
+    m = tl.program_id(2) // SPLIT
+    split = tl.program_id(2) % SPLIT
     slot = tl.load(idx_ptr + b * K + k)
     r_live = tl.where(slot >= 0, R, 0)  # a (row, k) with no adapter loads nothing: h = 0 exactly
     slot = tl.maximum(slot, 0)
@@ -57,7 +64,7 @@ def _shrink_kernel(x_ptr, a_ptr, idx_ptr, w_ptr, scale_ptr, h_ptr,
     offs_r = tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, D_IN, BLOCK_K):
+    for k0 in range(split * CHUNK, tl.minimum(split * CHUNK + CHUNK, D_IN), BLOCK_K):
         cols = k0 + offs_k
         x_mask = (offs_m[:, None] < T) & (cols[None, :] < D_IN)
         x = tl.load(x_ptr + b * sx_b + offs_m[:, None] * sx_t + cols[None, :], mask=x_mask, other=0.0)
@@ -68,17 +75,18 @@ def _shrink_kernel(x_ptr, a_ptr, idx_ptr, w_ptr, scale_ptr, h_ptr,
         else:
             acc += tl.sum(x[:, None, :].to(tl.float32) * a[None, :, :].to(tl.float32), axis=2)
     h_mask = (offs_m[:, None] < T) & (offs_r[None, :] < R)
-    tl.store(h_ptr + b * sh_b + offs_m[:, None] * sh_t + k * sh_k + offs_r[None, :], acc * coeff, mask=h_mask)
+    h_ptrs = h_ptr + split * sh_s + b * sh_b + offs_m[:, None] * sh_t + k * sh_k + offs_r[None, :]
+    tl.store(h_ptrs, acc * coeff, mask=h_mask)
 
 
 @triton.jit
 def _expand_kernel(h_ptr, b_ptr, idx_ptr, y_ptr,
-                   T, D_OUT, R, K,
-                   sh_b, sh_t, sh_k, sb_l, sb_o, sy_b, sy_t,
+                   T, D_OUT, R, K, SPLIT,
+                   sh_s, sh_b, sh_t, sh_k, sb_l, sb_o, sy_b, sy_t,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_KK: tl.constexpr,
                    USE_DOT: tl.constexpr):
-    """y[b, t, n] += sum_k h[b, t, k, :] . B[idx[b, k], n, :]; grid (B, cdiv(T, BLOCK_M), cdiv(out, BLOCK_N))."""
-    b = tl.program_id(0)
+    """y[b, t, n] += sum_k (sum_s h[s, b, t, k, :]) . B[idx[b, k], n, :]; grid (B, cdiv(T, BLOCK_M), cdiv(out, BLOCK_N))."""
+    b = tl.program_id(0).to(tl.int64)
     m = tl.program_id(1)
     n = tl.program_id(2)
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -93,7 +101,10 @@ def _expand_kernel(h_ptr, b_ptr, idx_ptr, y_ptr,
         r_live = tl.where(slot >= 0, R, 0)
         slot = tl.maximum(slot, 0)
         h_mask = (offs_m[:, None] < T) & (offs_r[None, :] < r_live)
-        h = tl.load(h_ptr + b * sh_b + offs_m[:, None] * sh_t + k * sh_k + offs_r[None, :], mask=h_mask, other=0.0)
+        h_ptrs = h_ptr + b * sh_b + offs_m[:, None] * sh_t + k * sh_k + offs_r[None, :]
+        h = tl.load(h_ptrs, mask=h_mask, other=0.0)
+        for s in range(1, SPLIT):
+            h += tl.load(h_ptrs + s * sh_s, mask=h_mask, other=0.0)
         w_mask = (offs_n[:, None] < D_OUT) & (offs_r[None, :] < r_live)
         w = tl.load(b_ptr + slot * sb_l + offs_n[:, None] * sb_o + offs_r[None, :], mask=w_mask, other=0.0)
         if USE_DOT:
@@ -132,17 +143,21 @@ class TritonBackend(LoraBackend):
         if y.stride(-1) != 1 or not a_stack.is_contiguous() or not b_stack.is_contiguous():
             raise ValueError("TritonBackend needs y with unit inner stride and contiguous slot stacks")
         block_r = max(16, triton.next_power_of_2(r))
-        use_dot = t > 1
-        block_m = BLOCK_M if use_dot else 1
-        h = torch.empty((bsz, t, k, r), dtype=torch.float32, device=x.device)
+        use_dot = t > 1  # segmented form: BLOCK_M tokens of one row per program, tl.dot (M >= 16)
+        block_m = min(64, max(16, triton.next_power_of_2(t))) if use_dot else 1
+        split = 1 if use_dot else triton.cdiv(d_in, DECODE_CHUNK)
+        chunk = triton.cdiv(triton.cdiv(d_in, split), BLOCK_K) * BLOCK_K
+        h = torch.empty((split, bsz, t, k, r), dtype=torch.float32, device=x.device)
         precision = "ieee" if x.dtype == torch.float32 else "tf32"  # ignored for bf16/fp16 inputs
-        _shrink_kernel[(bsz, k, triton.cdiv(t, block_m))](
-            x, a_stack, idx, weights, scale, h, t, d_in, r, k,
-            x.stride(0), x.stride(1), a_stack.stride(0), a_stack.stride(1), h.stride(0), h.stride(1), h.stride(2),
+        _shrink_kernel[(bsz, k, triton.cdiv(t, block_m) * split)](
+            x, a_stack, idx, weights, scale, h, t, d_in, r, k, split, chunk,
+            x.stride(0), x.stride(1), a_stack.stride(0), a_stack.stride(1),
+            h.stride(0), h.stride(1), h.stride(2), h.stride(3),
             BLOCK_M=block_m, BLOCK_K=BLOCK_K, BLOCK_R=block_r, USE_DOT=use_dot, DOT_PRECISION=precision)
         _expand_kernel[(bsz, triton.cdiv(t, block_m), triton.cdiv(d_out, BLOCK_N))](
-            h, b_stack, idx, y, t, d_out, r, k,
-            h.stride(0), h.stride(1), h.stride(2), b_stack.stride(0), b_stack.stride(1), y.stride(0), y.stride(1),
+            h, b_stack, idx, y, t, d_out, r, k, split,
+            h.stride(0), h.stride(1), h.stride(2), h.stride(3), b_stack.stride(0), b_stack.stride(1),
+            y.stride(0), y.stride(1),
             BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_R=block_r, BLOCK_KK=triton.next_power_of_2(k),
             USE_DOT=use_dot)
         return y
