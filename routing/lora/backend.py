@@ -151,7 +151,7 @@ class CpuLoraBackend(LoraBackend):
 
     `bench/lora_backends.py` (numbers in bench/RESULTS.md, 2 threads, tiny and SmolLM2-135M layer
     shapes, B in {1, 16, 64}, K in {1, 3}, R in {8, 16}, T in {1, 64, 256}) found:
-      * prefill (T >= K*R): the gather is 1.5-4x faster than grouping, and its copy, B*K*R*(in+out),
+      * prefill (T >= K*R): the gather is 1.4-4.1x faster than grouping, and its copy, B*K*R*(in+out),
         is no larger than the activations B*T*(in+out) it multiplies; it is used and freed per call;
       * decode (T < K*R): the gather wins while one layer's copy is small (<= GATHER_MAX_BYTES, then
         kept for the batch, as before); above that grouping is faster (up to 4.7x at B=64, K=3, R=16)
