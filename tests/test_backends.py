@@ -180,9 +180,14 @@ def test_get_backend_on_cpu_is_the_measured_rule():
     assert isinstance(backend, CpuLoraBackend)
     case = make_case("prefill_k3")
     check(backend, case, atol=1e-5, rtol=1e-5)
-    small = backend.choose(torch.full((4, 1), 0), r=8, d_in=64, d_out=64, tokens=1)
-    large = backend.choose(torch.full((64, 3), 0), r=16, d_in=4096, d_out=14336, tokens=1)
-    assert isinstance(small, TorchReferenceBackend) and isinstance(large, SlotGroupedBackend)
+    pick = lambda rows, k, r, d, tokens=1, reused=False: type(backend.choose(  # noqa: E731
+        torch.zeros(rows, k, dtype=torch.long), r, d[0], d[1], tokens, reused=reused)).__name__
+    smol_gate = (576, 1536)
+    assert pick(16, 1, 8, smol_gate) == "TorchReferenceBackend"      # 1.0 MiB: the gather is faster
+    assert pick(16, 3, 8, smol_gate) == "SlotGroupedBackend"         # 3.1 MiB, new routing each step
+    assert pick(16, 3, 8, smol_gate, reused=True) == "TorchReferenceBackend"  # a static batch keeps it
+    assert pick(64, 3, 16, smol_gate, reused=True) == "SlotGroupedBackend"    # 24.8 MiB: never held
+    assert pick(64, 3, 16, smol_gate, tokens=64) == "TorchReferenceBackend"   # prefill: K*R <= T
 
 
 COMPILE = textwrap.dedent("""

@@ -140,9 +140,10 @@ class SlotGroupedBackend(LoraBackend):
 
 @dataclass
 class _Routed:
-    """One routing state's arguments, and what each backend has built from them so far."""
+    """One layer's routing state: its arguments, how many forwards used it, what each backend built."""
 
     args: tuple
+    uses: int = 0
     built: dict[LoraBackend, object] = field(default_factory=dict)
 
 
@@ -153,25 +154,30 @@ class CpuLoraBackend(LoraBackend):
     shapes, B in {1, 16, 64}, K in {1, 3}, R in {8, 16}, T in {1, 64, 256}) found:
       * prefill (T >= K*R): the gather is 1.4-4.1x faster than grouping, and its copy, B*K*R*(in+out),
         is no larger than the activations B*T*(in+out) it multiplies; it is used and freed per call;
-      * decode (T < K*R): the gather wins while one layer's copy is small (<= GATHER_MAX_BYTES, then
-        kept for the batch, as before); above that grouping is faster (up to 4.7x at B=64, K=3, R=16)
-        and its extra memory is activations only, flat in B*K*R*(in+out).
+      * decode (T < K*R), routing new this step (the engine): gathering wins while one projection's
+        copy is <= GATHER_MAX_BYTES; above that grouping is faster (up to 4.7x at B=64, K=3, R=16)
+        and its extra memory is activations only, flat in B*K*R*(in+out);
+      * decode on a routing reused across steps (a static batch): the gather, kept, beats grouping
+        1.3-4x, so it is kept up to REUSED_GATHER_MAX_BYTES per projection (bounded memory held
+        through the batch; SmolLM2's 16 rows x K=3 x rank 8 is 3.1 MiB), grouping above.
     `prepare` is only the routing itself; what each path needs is built lazily and cached in it.
     Plain torch ops, so it is also CUDA's fallback when triton is missing.
     """
 
     GATHER_MAX_BYTES = 2 * 2**20
+    REUSED_GATHER_MAX_BYTES = 4 * 2**20
 
     def __init__(self) -> None:
         self.gather, self.grouped = TorchReferenceBackend(), SlotGroupedBackend()
 
     def choose(self, indices: torch.Tensor, r: int, d_in: int, d_out: int, tokens: int,
-               itemsize: int = 4) -> LoraBackend:
-        """The backend for a (B, K) routing on a rank-`r`, d_in->d_out layer with `tokens` per row."""
+               itemsize: int = 4, reused: bool = False) -> LoraBackend:
+        """The backend for a (B, K) routing on a rank-`r`, d_in->d_out layer with `tokens` per row;
+        `reused`: this routing state already served a forward (a static batch's later steps)."""
         bsz, k = indices.shape
-        if k * r <= tokens or bsz * k * r * (d_in + d_out) * itemsize <= self.GATHER_MAX_BYTES:
-            return self.gather
-        return self.grouped
+        copy = bsz * k * r * (d_in + d_out) * itemsize
+        limit = self.REUSED_GATHER_MAX_BYTES if reused else self.GATHER_MAX_BYTES
+        return self.gather if k * r <= tokens or copy <= limit else self.grouped
 
     def prepare(self, a_stack, b_stack, scale, indices, weights):
         return _Routed((a_stack, b_stack, scale, indices, weights))
@@ -179,7 +185,8 @@ class CpuLoraBackend(LoraBackend):
     def apply(self, y, x, prepared):
         a_stack, b_stack, _, indices, _ = prepared.args
         _, r, d_in = a_stack.shape
-        backend = self.choose(indices, r, d_in, b_stack.shape[1], x.shape[1], a_stack.element_size())
+        reused, prepared.uses = prepared.uses > 0, prepared.uses + 1
+        backend = self.choose(indices, r, d_in, b_stack.shape[1], x.shape[1], a_stack.element_size(), reused)
         if backend is self.gather and indices.shape[1] * r <= x.shape[1]:  # prefill: gather, use, free
             return self.gather.add_lora(y, x, *prepared.args)
         if backend not in prepared.built:
