@@ -3,7 +3,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-slow setup bench clean
+.PHONY: demo test test-slow gpu-check setup bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ test: $(STAMP)
 # Minutes each: the smollm2 base model, the real data in ../shared/data.
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+# On a GPU machine, from a fresh copy, torch with CUDA already installed: install the gpu extra, run the
+# gpu-marked tests and the GPU benchmarks, print one table and one JSON line (bench/gpu_check.sh).
+gpu-check:
+	bash bench/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf runs

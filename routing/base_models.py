@@ -69,7 +69,15 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32,
                    device: str | torch.device = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load model and tokenizer in eval mode."""
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+    """Load model and tokenizer in eval mode, in `dtype` on `device`.
+
+    Off the CPU the weights are loaded straight onto the device (`device_map`), one tensor at a
+    time, so neither host nor device ever holds a second full copy of the base model.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map={"": device})
     model.eval()
     return model, load_tokenizer(path)

@@ -11,6 +11,7 @@ import os
 from functools import lru_cache
 
 import numpy as np
+import torch
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 # LoRAuter (after LoraRetriever) embeds queries and task samples with this instruction prefix.
@@ -30,13 +31,16 @@ def _encoder_path(name: str) -> str:
 class Encoder:
     """A sentence-transformers model with the task-retrieval prefix applied in one place."""
 
-    def __init__(self, name: str = DEFAULT_ENCODER, prefix: str = TASK_RETRIEVAL_PREFIX, device: str = "cpu"):
+    def __init__(self, name: str = DEFAULT_ENCODER, prefix: str = TASK_RETRIEVAL_PREFIX,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        """`device`/`dtype`: where the model runs (see `routing.devices`); embeddings are float32 either way."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
 
         self.name = name
         self.prefix = prefix
-        self.model = SentenceTransformer(_encoder_path(name), device=device)
+        self.model = SentenceTransformer(_encoder_path(name), device=str(device),
+                                         model_kwargs={"dtype": dtype})
         self.dim = int(self.model.get_embedding_dimension())
 
     def encode(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
@@ -45,7 +49,7 @@ class Encoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         emb = self.model.encode([self.prefix + t for t in texts], batch_size=batch_size,
                                 normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=progress)
-        return emb.astype(np.float32, copy=False)
+        return emb.astype(np.float32, copy=False)  # a bf16 model's output is upcast here
 
 
 @lru_cache(maxsize=4)

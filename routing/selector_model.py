@@ -18,6 +18,7 @@ from transformers import Cache
 
 from .base_models import load_causal_lm, locate_base_model
 from .catalog import LABELS_FILE
+from .devices import Placement
 
 SELECTOR_TEMPLATE = "### Which task is this request for?\n{text}\n### Task:\n"
 
@@ -29,12 +30,16 @@ def label_text(key: str) -> str:
 
 
 class SelectorModel:
-    def __init__(self, artefact: str | Path, base_model: str | Path | None = None, max_length: int = 256):
+    def __init__(self, artefact: str | Path, base_model: str | Path | None = None, max_length: int = 256,
+                 placement: Placement | None = None):
+        """`placement`: device and dtype of the base model and its selector LoRA (default: CPU, float32)."""
         artefact = Path(artefact)
+        placement = placement or Placement(torch.device("cpu"), torch.float32)
+        self.device = placement.device
         self.labels: list[str] = json.loads((artefact / LABELS_FILE).read_text())
         config = json.loads((artefact / "adapter_config.json").read_text())
         base_dir = locate_base_model(config["base_model_name_or_path"], base_model)
-        model, self.tokenizer = load_causal_lm(base_dir)
+        model, self.tokenizer = load_causal_lm(base_dir, placement.dtype, placement.device)
         self.model = PeftModel.from_pretrained(model, str(artefact)).eval()
         self.max_length = max_length
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
@@ -47,14 +52,15 @@ class SelectorModel:
         prompts = [SELECTOR_TEMPLATE.replace("{text}", t) for t in texts]
         self.tokenizer.truncation_side = "left"  # keep the end of long inputs, next to "### Task:"
         batch = self.tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
-                               max_length=self.max_length, padding_side="left")
+                               max_length=self.max_length, padding_side="left").to(self.device)
         mask = batch["attention_mask"]                                   # (B, P)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)                   # (B, P): left padding shifts positions
         out = self.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True)
-        scores = torch.empty(len(texts), len(self.labels))
+        scores = torch.empty(len(texts), len(self.labels), device=self.device)
         self._score_labels(list(range(len(self.labels))), 0, torch.log_softmax(out.logits[:, -1].float(), -1),
-                           torch.zeros(len(texts)), out.past_key_values, mask, positions[:, -1:] + 1, scores)
-        return scores
+                           torch.zeros(len(texts), device=self.device), out.past_key_values, mask,
+                           positions[:, -1:] + 1, scores)
+        return scores.cpu()
 
     def _score_labels(self, labels: list[int], depth: int, next_logp: torch.Tensor, prefix_logp: torch.Tensor,
                       cache: Cache, mask: torch.Tensor, next_pos: torch.Tensor, scores: torch.Tensor) -> None:
@@ -77,12 +83,12 @@ class SelectorModel:
             feed = run if rest else run[:-1]                             # a leaf needs no logits after its last token
             total = prefix_logp + next_logp[:, run[0]]
             if feed:
-                tokens = torch.tensor(feed).expand(len(mask), -1)       # (B, f)
+                tokens = torch.tensor(feed, device=self.device).expand(len(mask), -1)  # (B, f)
                 grown = torch.cat([mask, torch.ones_like(tokens)], -1)
                 step = self.model(input_ids=tokens, attention_mask=grown, past_key_values=cache, use_cache=True,
-                                  position_ids=next_pos + torch.arange(len(feed)))
+                                  position_ids=next_pos + torch.arange(len(feed), device=self.device))
                 logp = torch.log_softmax(step.logits.float(), -1)        # (B, f, V)
-                targets = torch.tensor(run[1:], dtype=torch.long).expand(len(mask), -1)  # (B, len(run) - 1)
+                targets = torch.tensor(run[1:], dtype=torch.long, device=self.device).expand(len(mask), -1)
                 total = total + logp[:, :len(run) - 1].gather(-1, targets[..., None]).squeeze(-1).sum(-1)
                 child = logp[:, -1].clone() if rest else None            # (B, V); the rest of logp is freed
                 del step, logp

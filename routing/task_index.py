@@ -1,4 +1,5 @@
-"""The task index: one normalised centroid per task, searched with FAISS inner product.
+"""The task index: one normalised centroid per task, searched with FAISS inner product (on the GPU
+when FAISS has one: the `gpu` extra installs faiss-gpu).
 
 A task's representation is the mean embedding of a few of its samples (LoRAuter §3.1), kept next to
 the sample embeddings it came from so an index can be rebuilt, re-clustered or audited. Centroids
@@ -12,6 +13,21 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+
+
+def faiss_gpus() -> int:
+    """GPUs FAISS can use: 0 with faiss-cpu, whose builds may lack `get_num_gpus` altogether."""
+    get_num_gpus = getattr(faiss, "get_num_gpus", None)
+    return int(get_num_gpus()) if get_num_gpus is not None else 0
+
+
+def flat_index(dim: int, inner_product: bool) -> faiss.Index:
+    """An exact (flat) inner-product or L2 index, on every GPU FAISS sees when there is one.
+
+    Flat search is exact on either device: GPU answers equal the CPU index's up to float rounding.
+    """
+    index = faiss.IndexFlatIP(dim) if inner_product else faiss.IndexFlatL2(dim)
+    return faiss.index_cpu_to_all_gpus(index) if faiss_gpus() else index
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -42,7 +58,7 @@ class TaskIndex:
         if self.labels.shape != (len(self.embeddings),) or not in_range:
             raise TaskIndexError(f"{self.labels.shape} sample labels for {len(self.embeddings)} samples "
                                  f"(each a task id below {len(self.keys)})")
-        self._faiss = faiss.IndexFlatIP(self.centroids.shape[1])
+        self._faiss = flat_index(self.centroids.shape[1], inner_product=True)
         self._faiss.add(self.centroids)
 
     @classmethod

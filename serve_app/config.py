@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from routing.catalog import Catalog
 from routing.decision import DEFAULT_TEMPERATURE, MAX_TOP_K, TEMPERATURE_RANGE
+from routing.devices import DeviceName, DtypeName
 
 MAX_NEW_TOKENS_LIMIT = 512
 MAX_SAMPLING_TEMPERATURE = 100.0
@@ -44,6 +45,10 @@ class AppArgs(BaseModel):
     max_lora_rank: int | None = Field(None, ge=1, description="Largest adapter rank a Generator replica takes; "
                                       "default: the catalog's largest. Raise it to switch to catalogs with larger ranks.")
     torch_threads: int = Field(1, ge=1, description="Per replica; replicas share the node's cores.")
+    device: DeviceName = Field("auto", description="Where model-holding replicas run: auto = the GPU Ray assigned "
+                               "(num_gpus), else the CPU; cuda without CUDA is a start-up error.")
+    dtype: DtypeName = Field("auto", description="Model precision: auto = bfloat16 on GPU (float16 where bf16 is "
+                             "unsupported), float32 on CPU.")
 
     @field_validator("catalog")
     @classmethod

@@ -10,6 +10,7 @@ from routing.catalog import Catalog
 from routing.encoder import Encoder
 
 from .config import AppArgs
+from .placement import replica_placement
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=128)
@@ -19,8 +20,9 @@ class Embedder:
     def __init__(self, args: dict):
         cfg = AppArgs(**args)
         torch.set_num_threads(cfg.torch_threads)
+        placement = replica_placement(cfg, "Embedder")  # PlacementError (start-up) for cuda without CUDA
         enc = Catalog.load(cfg.catalog, verify=False).encoder
-        self.encoder = Encoder(enc["name"], enc["prefix"])
+        self.encoder = Encoder(enc["name"], enc["prefix"], device=placement.device, dtype=placement.dtype)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def embed(self, texts: list[str]) -> list[np.ndarray]:

@@ -20,13 +20,15 @@ from .config import AppArgs, catalog_switch
 from .contract import (Answer, BadRequestError, CatalogChangedError, Delta, GenerationJob, NoAdapterError,
                        OverloadedError, PromptTooLongError)
 from .engine_loop import EngineLoop
+from .placement import replica_placement
 
 log = logging.getLogger("ray.serve")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256)
 class Generator:
-    """Base model + the catalog's adapters in fused multi-LoRA layers, run by a continuous-batching engine.
+    """Base model + the catalog's adapters in fused multi-LoRA layers, run by a continuous-batching engine,
+    on the replica's GPU in bf16 when Ray assigned one (`device`/`dtype` args), else the CPU in fp32.
 
     Every request becomes a sequence of the engine: it joins the running batch at the next step, on
     its own adapters (one, a K-way fusion, or none), and its tokens stream out as they are made.
@@ -41,7 +43,9 @@ class Generator:
         catalog = Catalog.load(cfg.catalog)
         if catalog.base_model is None:
             raise CatalogError(f"catalog {catalog.version} is routing-only (no adapters): nothing to generate with")
-        model, self.tokenizer = load_causal_lm(locate_base_model(catalog.base_model["id"], cfg.base_model))
+        placement = replica_placement(cfg, "Generator")   # PlacementError (start-up) for cuda without CUDA
+        model, self.tokenizer = load_causal_lm(locate_base_model(catalog.base_model["id"], cfg.base_model),
+                                               dtype=placement.dtype, device=placement.device)
         self.max_rank = cfg.max_lora_rank or _max_rank(catalog)
         fused = FusedLoraModel(model, max_loras=cfg.max_loras, max_rank=self.max_rank)
         self.catalogs = {catalog.version: catalog}   # every version a request may still be answered on

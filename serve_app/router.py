@@ -9,10 +9,11 @@ from ray.serve.handle import DeploymentHandle
 
 from routing.catalog import Catalog
 from routing.decision import RouteDecision, RouteRequest
-from routing.routers import ROUTERS, Router, make_routers
+from routing.routers import ROUTERS, ClassifierRouter, Router, make_routers
 
 from .config import AppArgs, catalog_switch
 from .contract import UnknownRouterError
+from .placement import replica_placement
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class RouterDeployment:
         torch.set_num_threads(cfg.torch_threads)
         self.embedder = embedder
         self.selector = selector  # the selector LM lives on its own deployment
+        self.device = replica_placement(cfg, "Router").device  # the classifier's (and ensemble's) encoder
         self.served = self._serve(Catalog.load(cfg.catalog))
 
     async def reconfigure(self, user_config: dict) -> None:
@@ -45,6 +47,9 @@ class RouterDeployment:
         """`catalog`'s routers, plus the selector (on its own deployment) while the catalog carries one and
         the app deploys it; a switch to a version without one leaves the Selector on its old labels."""
         routers = make_routers(catalog, [n for n in ROUTERS if n != "selector"])
+        for router in routers.values():
+            if isinstance(router, ClassifierRouter):  # the ensemble holds this same instance
+                router.to(self.device)
         selector = self.selector is not None and "selector" in catalog.routers
         return Served(catalog, routers, sorted([*routers, *(["selector"] if selector else [])]))
 

@@ -11,6 +11,7 @@ from routing.decision import RouteDecision, RouteRequest
 from routing.routers.selector import SelectorRouter
 
 from .config import AppArgs, catalog_switch
+from .placement import replica_placement
 
 log = logging.getLogger("ray.serve")
 
@@ -22,7 +23,8 @@ class Selector:
     def __init__(self, args: dict):
         cfg = AppArgs(**args)
         torch.set_num_threads(cfg.torch_threads)
-        self.router = SelectorRouter(Catalog.load(cfg.catalog))
+        self.placement = replica_placement(cfg, "Selector")  # PlacementError (start-up) for cuda without CUDA
+        self.router = SelectorRouter(Catalog.load(cfg.catalog), placement=self.placement)
 
     async def reconfigure(self, user_config: dict) -> None:
         """Switch catalog version in place (Serve `user_config: {catalog: DIR}`), e.g. to an updated selector.
@@ -33,7 +35,7 @@ class Selector:
         if "selector" not in catalog.routers:
             log.info("selector: catalog %s has no selector; keeping %s", catalog.version, self.router.catalog.version)
             return
-        self.router = await asyncio.to_thread(SelectorRouter, catalog)
+        self.router = await asyncio.to_thread(SelectorRouter, catalog, None, self.placement)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def route(self, requests: list[RouteRequest]) -> list[RouteDecision]:

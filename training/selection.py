@@ -27,6 +27,8 @@ from typing import Literal, Sequence
 import faiss
 import numpy as np
 
+from routing.task_index import faiss_gpus, flat_index
+
 from .records import Record, TextMode, group_by_task
 
 Metric = Literal["l2", "ip", "cos"]
@@ -83,7 +85,8 @@ def kmeans_representatives(embeddings: np.ndarray, k: int, metric: Metric, seed:
     k-means++); it costs a few Lloyd iterations. FAISS's sub-sampling (`max_points_per_centroid`,
     256 by default) is switched off: every distinct row takes part. Its "please provide at least"
     warning for small inputs is silenced (`min_points_per_centroid=1`): clustering 50 samples into
-    40 groups is the point here.
+    40 groups is the point here. With faiss-gpu and a GPU, training, assignment and the nearest-sample
+    search run there (`routing.task_index.flat_index`); the result matches the CPU run (a gpu test).
     """
     return _kmeans_representatives(embeddings, k, metric, seed, niter)[0]
 
@@ -112,17 +115,17 @@ def _kmeans_representatives(embeddings: np.ndarray, k: int, metric: Metric, seed
     distinct = np.ascontiguousarray(x[first])  # (m, d)
     m = len(distinct)
     k = min(k, m)
-    km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=metric == "cos", verbose=False,
+    km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=metric == "cos", verbose=False, gpu=faiss_gpus(),
                       max_points_per_centroid=max(m, 1), min_points_per_centroid=1,
                       init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS)
     if metric == "ip":
-        km.index = faiss.IndexFlatIP(d)
+        km.index = flat_index(d, inner_product=True)
     km.train(distinct, weights=counts.astype(np.float32))
     centroids = km.centroids  # (k, d)
 
     _, assigned = km.assign(distinct)  # (m,)
     sizes = np.bincount(assigned, weights=counts, minlength=k)  # (k,)
-    search = faiss.IndexFlatL2(d) if metric == "l2" else faiss.IndexFlatIP(d)
+    search = flat_index(d, inner_product=metric != "l2")
     search.add(distinct)
     _, nearest = search.search(centroids, 1)  # (k, 1) indices into distinct
     order = np.lexsort((np.arange(k), -sizes))  # largest cluster first, then lower centroid id

@@ -1,14 +1,17 @@
 """Batched multi-LoRA kernels: one interface, one implementation per platform.
 
-Every `FusedLoraLinear` calls `backend.add_lora(...)` and never touches a kernel itself (vLLM's
-punica wrapper split). `get_backend(device)` is the single selection point: today CPU and CUDA both
-get `TorchReferenceBackend`; a Triton backend (SGMV/BGMV-style shrink/expand kernels) slots in there
-and is tested against this reference.
+Every `FusedLoraLinear` calls `backend.prepare(...)` once per routing state and `backend.apply(...)`
+on every forward, and never touches a kernel itself (vLLM's punica wrapper split).
+`get_backend(device)` is the single selection point: `TritonBackend` (routing/lora/triton_backend.py,
+SGMV/BGMV-style kernels) on CUDA, `CpuLoraBackend` elsewhere, which picks per call between
+`TorchReferenceBackend` (the readable reference: gather each row's adapters, two bmm) and
+`SlotGroupedBackend` (one matmul pair per slot in use) by a rule measured in bench/lora_backends.py.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 
 import torch
 
@@ -96,11 +99,112 @@ class TorchReferenceBackend(LoraBackend):
         return self.apply(y, x, self.prepare(a_stack, b_stack, scale, indices, weights))
 
 
-def get_backend(device: torch.device | str) -> LoraBackend:
-    """The backend for `device`: the selection point for platform kernels.
+class SlotGroupedBackend(LoraBackend):
+    """One shrink and one expand matmul per adapter slot in use (SGMV done with torch ops).
 
-    CPU and CUDA both get `TorchReferenceBackend` for now. A Triton backend goes here
-    (`if device.type == "cuda" and triton is importable: return TritonBackend()`), tested
-    against `TorchReferenceBackend`.
+    The (row, k) pairs routed to slot i are gathered as activations, `x[rows]` (n_i, T, in), and
+    multiplied by A[i] and B[i] read in place from the stacks; results are scattered back with
+    `index_add_`. Extra memory is activations only, at most B*T*(in + R + out) per slot at a time,
+    never a per-row copy of adapter weights, so it stays flat as batch x K x rank grows. The Python
+    loop runs over the slots used (<= L), not over rows. `prepare` is the host-side grouping (one
+    `unique`/`sort` on B*K indices), cached with the routing state like the gather's.
     """
-    return TorchReferenceBackend()
+
+    def prepare(self, a_stack, b_stack, scale, indices, weights):
+        """(a_stack, b_stack, [(slot, rows (n,), coeff (n,)), ...]) or None when no row has an adapter."""
+        valid = indices >= 0
+        if not bool(valid.any()):
+            return None
+        rows = torch.arange(indices.shape[0], device=indices.device)[:, None].expand_as(indices)[valid]
+        slots, coeff = indices[valid], (weights.to(scale.dtype) * scale[indices.clamp(min=0)])[valid]
+        order = torch.argsort(slots, stable=True)
+        rows, slots, coeff = rows[order], slots[order], coeff[order]
+        used, counts = torch.unique_consecutive(slots, return_counts=True)
+        groups = [(int(slot), r, c.to(a_stack.dtype)) for slot, r, c in
+                  zip(used.tolist(), rows.split(counts.tolist()), coeff.split(counts.tolist()))]
+        return a_stack, b_stack, groups
+
+    def apply(self, y, x, prepared):
+        if prepared is None:
+            return y
+        a_stack, b_stack, groups = prepared
+        for slot, rows, coeff in groups:
+            h = torch.matmul(x[rows], a_stack[slot].T)  # (n, T, R): A read in place, transposed view
+            h.mul_(coeff[:, None, None])
+            y.index_add_(0, rows, torch.matmul(h, b_stack[slot].T))  # (n, T, out)
+        return y
+
+    def add_lora(self, y, x, a_stack, b_stack, scale, indices, weights):
+        return self.apply(y, x, self.prepare(a_stack, b_stack, scale, indices, weights))
+
+
+@dataclass
+class _Routed:
+    """One layer's routing state: its arguments, how many forwards used it, what each backend built."""
+
+    args: tuple
+    uses: int = 0
+    built: dict[LoraBackend, object] = field(default_factory=dict)
+
+
+class CpuLoraBackend(LoraBackend):
+    """The CPU rule: per call, the per-row gather or one matmul per slot, whichever measured better.
+
+    `bench/lora_backends.py` (numbers in bench/RESULTS.md, 2 threads, tiny and SmolLM2-135M layer
+    shapes, B in {1, 16, 64}, K in {1, 3}, R in {8, 16}, T in {1, 64, 256}) found:
+      * prefill (T >= K*R): the gather is 1.4-4.1x faster than grouping, and its copy, B*K*R*(in+out),
+        is no larger than the activations B*T*(in+out) it multiplies; it is used and freed per call;
+      * decode (T < K*R), routing new this step (the engine): gathering wins while one projection's
+        copy is <= GATHER_MAX_BYTES; above that grouping is faster (up to 4.7x at B=64, K=3, R=16)
+        and its extra memory is activations only, flat in B*K*R*(in+out);
+      * decode on a routing reused across steps (a static batch): the gather, kept, beats grouping
+        1.3-4x, so it is kept up to REUSED_GATHER_MAX_BYTES per projection (bounded memory held
+        through the batch; SmolLM2's 16 rows x K=3 x rank 8 is 3.1 MiB), grouping above.
+    `prepare` is only the routing itself; what each path needs is built lazily and cached in it.
+    Plain torch ops, so it is also CUDA's fallback when triton is missing.
+    """
+
+    GATHER_MAX_BYTES = 2 * 2**20
+    REUSED_GATHER_MAX_BYTES = 4 * 2**20
+
+    def __init__(self) -> None:
+        self.gather, self.grouped = TorchReferenceBackend(), SlotGroupedBackend()
+
+    def choose(self, indices: torch.Tensor, r: int, d_in: int, d_out: int, tokens: int,
+               itemsize: int = 4, reused: bool = False) -> LoraBackend:
+        """The backend for a (B, K) routing on a rank-`r`, d_in->d_out layer with `tokens` per row;
+        `reused`: this routing state already served a forward (a static batch's later steps)."""
+        bsz, k = indices.shape
+        copy = bsz * k * r * (d_in + d_out) * itemsize
+        limit = self.REUSED_GATHER_MAX_BYTES if reused else self.GATHER_MAX_BYTES
+        return self.gather if k * r <= tokens or copy <= limit else self.grouped
+
+    def prepare(self, a_stack, b_stack, scale, indices, weights):
+        return _Routed((a_stack, b_stack, scale, indices, weights))
+
+    def apply(self, y, x, prepared):
+        a_stack, b_stack, _, indices, _ = prepared.args
+        _, r, d_in = a_stack.shape
+        reused, prepared.uses = prepared.uses > 0, prepared.uses + 1
+        backend = self.choose(indices, r, d_in, b_stack.shape[1], x.shape[1], a_stack.element_size(), reused)
+        if backend is self.gather and indices.shape[1] * r <= x.shape[1]:  # prefill: gather, use, free
+            return self.gather.add_lora(y, x, *prepared.args)
+        if backend not in prepared.built:
+            prepared.built[backend] = backend.prepare(*prepared.args)
+        return backend.apply(y, x, prepared.built[backend])
+
+    def add_lora(self, y, x, a_stack, b_stack, scale, indices, weights):
+        return self.apply(y, x, self.prepare(a_stack, b_stack, scale, indices, weights))
+
+
+def get_backend(device: torch.device | str) -> LoraBackend:
+    """The backend for `device`: `TritonBackend` on CUDA (when triton imports and is not in
+    interpreter mode), `CpuLoraBackend`'s measured rule everywhere else."""
+    if torch.device(device).type == "cuda":
+        try:
+            from routing.lora.triton_backend import TritonBackend, interpreting
+        except ImportError:
+            return CpuLoraBackend()
+        if not interpreting():
+            return TritonBackend()
+    return CpuLoraBackend()

@@ -149,6 +149,11 @@ class ClassifierRouter(ProbabilisticRouter):
         self.max_length: int = int(self.settings.get("max_length", 128))
         self.calibration: float = float(self.settings.get("calibration_temperature", 1.0))
 
+    def to(self, device: str | torch.device) -> "ClassifierRouter":
+        """Move the classifier to `device` (kept in float32: a small encoder, and calibrated logits)."""
+        self.model.to(device)
+        return self
+
     @torch.inference_mode()
     def logits(self, texts: list[str]) -> np.ndarray:
         """Calibrated logits (N, T) = raw logits / T_cal, in label order. Length-sorted batches."""

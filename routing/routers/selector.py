@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..catalog import Catalog
+from ..devices import Placement
 from ..selector_model import SelectorModel
 from .probabilistic import ProbabilisticRouter
 
@@ -18,8 +19,9 @@ class SelectorRouter(ProbabilisticRouter):
     name = "selector"
     artefacts = ("selector",)
 
-    def __init__(self, catalog: Catalog, model: SelectorModel | None = None):
-        model = model or SelectorModel(catalog.router_path(self.name))   # CatalogError when the catalog has none
+    def __init__(self, catalog: Catalog, model: SelectorModel | None = None, placement: Placement | None = None):
+        # CatalogError when the catalog has none; `placement` (default CPU float32) only when loading here
+        model = model or SelectorModel(catalog.router_path(self.name), placement=placement)
         super().__init__(catalog, model.labels)
         self.model = model
 
