@@ -17,7 +17,7 @@ import uuid
 
 import grpc
 from ray import serve
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
@@ -26,6 +26,7 @@ from routing.decision import RouteDecision, RouteRequest, UnknownTaskError
 
 from .config import MAX_NEW_TOKENS_LIMIT, AppArgs
 from .contract import BadRequestError, CatalogChangedError, GenerationJob
+from .health import DrainingError, ServingState
 
 log = logging.getLogger("ray.serve")
 
@@ -35,8 +36,12 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
         exc = exc.cause
     if isinstance(exc, UnknownTaskError):
         return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, CatalogChangedError):
+    if isinstance(exc, (CatalogChangedError, DrainingError)):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
+    # A replica that died (SIGKILL, its node lost) or cannot be reached now is the server's transient
+    # state, not the request's fault: Serve restarts it, and the client's retry is answered.
+    if isinstance(exc, RayActorError):   # ActorDiedError, ActorUnavailableError
+        return grpc.StatusCode.UNAVAILABLE, f"a server replica was lost mid-request; retry ({type(exc).__name__})"
     if isinstance(exc, (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)):
         return grpc.StatusCode.UNAVAILABLE, f"the server is busy or restarting; retry ({type(exc).__name__})"
     if isinstance(exc, BadRequestError):
@@ -51,7 +56,8 @@ def grpc_errors(empty_response: type):
         @functools.wraps(method)
         async def call(self, request, grpc_context):
             try:
-                return await method(self, request, grpc_context)
+                with self.admit(request):
+                    return await method(self, request, grpc_context)
             except Exception as exc:  # noqa: BLE001 - the boundary where every error becomes a status
                 mapped = _status_for(exc)
                 if mapped is None:
@@ -74,7 +80,7 @@ def _decision_pb(d: RouteDecision) -> pb.RouteDecision:
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
-class Ingress:
+class Ingress(ServingState):
     def __init__(self, args: dict, router: DeploymentHandle, generator: DeploymentHandle):
         self.cfg = AppArgs(**args)
         self.router = router
