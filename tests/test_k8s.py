@@ -276,6 +276,17 @@ def test_rayservice_upgrades_autoscales_and_exposes_ports():
     assert {k8s["http_options"]["port"], k8s["grpc_options"]["port"]} <= service_ports
 
 
+def test_rayservice_pods_are_ready_by_the_standard_grpc_health_service():
+    """Every serving pod's readiness is grpc.health.v1 on the Serve gRPC port, for the service the app serves."""
+    from serve_app.health import SERVICE
+
+    k8s, _ = _serve_configs()
+    for name, pod in _pods(_one("RayService")["spec"]["rayClusterConfig"]):
+        for c in pod["containers"]:
+            probe = c.get("readinessProbe", {}).get("grpc")
+            assert probe == {"port": k8s["grpc_options"]["port"], "service": SERVICE}, f"{name}/{c['name']}"
+
+
 @pytest.mark.parametrize("kind", ["RayService", "RayJob"])
 def test_pods_run_offline_on_one_image(kind):
     doc = _one(kind)
