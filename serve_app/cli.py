@@ -186,6 +186,18 @@ def cmd_serve(a: argparse.Namespace) -> dict:
     return {"stopped": True}
 
 
+def cmd_canary(a: argparse.Namespace) -> dict:
+    from .canary import commands
+    from .canary.state import RolloutStore
+
+    store = RolloutStore(a.state or commands.default_state_path())
+    if a.verb == "start":
+        return commands.start(store, a.catalog, a.policy, a.stable)
+    if a.verb == "status":
+        return commands.status(store)
+    return commands.command(store, a.verb)
+
+
 def cmd_data_select(a: argparse.Namespace) -> dict:
     from training.records import load_records, write_jsonl
     from training.selection import select_representatives
@@ -336,6 +348,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--base-model", help="base model directory (default: found in the cache by the catalog's id)")
     c.add_argument("--grpc-port", type=_port)
     c.add_argument("--http-port", type=_port)
+
+    can = sub.add_parser("canary", help="roll out a candidate catalog step by step, judged on live traffic")
+    verbs = can.add_subparsers(dest="verb", required=True)
+    state = dict(help="the rollout's state file (default: $SWITCHBOARD_HOME/canary/switchboard.json, the app's)")
+    c = command("start", cmd_canary, "start a rollout of --catalog under --policy (serve_app/canary/policy.py)", verbs)
+    c.add_argument("--catalog", required=True, help="the candidate catalog (verified; same base model and encoder)")
+    c.add_argument("--policy", required=True, help="canary policy YAML")
+    c.add_argument("--stable", help="the catalog the app serves (default: what the last rollout left serving)")
+    c.add_argument("--state", **state)
+    for verb, what in (("status", "where the rollout is, and the numbers of its last decision"),
+                       ("promote", "move to the next step now"), ("rollback", "send all traffic back to stable"),
+                       ("abort", "stop the rollout; stable serves all traffic")):
+        command(verb, cmd_canary, what, verbs).add_argument("--state", **state)
 
     ev = sub.add_parser("eval", help="evaluate routing").add_subparsers(dest="what", required=True)
     c = command("routing", cmd_eval_routing, "routing accuracy of a router on labelled records", ev)
