@@ -20,9 +20,6 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from protos.switchboard.v1 import switchboard_pb2 as pb
 from serve_app import launch
 from serve_app.client import NO_RETRY, RetryPolicy, SwitchboardClient
-from training.adapter import TrainSpec, train_adapters
-from training.catalog_build import build_catalog
-from training.demo_corpus import demo_records
 
 KEYS = ("fin/sentiment", "med/dose")
 TEXT = "The patient weighs 7 kg."
@@ -30,12 +27,8 @@ METADATA = (("application", "switchboard"),)
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, tiny_base, free_port):
-    work = tmp_path_factory.mktemp("ops-wire")
-    records = [r for r in demo_records("train") if r.key in KEYS]
-    train_adapters(tiny_base, records, work / "adapters", train=TrainSpec(max_steps=2), progress=False)
-    catalog = build_catalog([r for r in demo_records("val") if r.key in KEYS], work / "catalog",
-                            adapters=work / "adapters", base_model=("tiny-test", tiny_base))
+def app(small_catalog, free_port):
+    catalog = small_catalog
     port = free_port()
     config = launch.load_config(args={"catalog": str(catalog.root), "max_new_tokens": 4}, grpc_port=port,
                                 http_port=free_port())
