@@ -14,7 +14,8 @@ counts are sampled every second, through the load and `--cooldown-s` after it (s
   errors     calls that failed after retries (any code)
   lost       of those, the ones with a code the client may not retry (INTERNAL, UNKNOWN, ...): lost work
   retried    attempts retried after UNAVAILABLE (a killed replica's requests, a draining node's)
-  recovery_s from the fault until as many Generator replicas run as before it
+  recovery_s from the fault until answers per second stay at >= 80% of the 10 s before it (clients' view)
+  stall_s    how long the longest request in flight at the fault took after it (its retries included)
 Without `--catalog`, a small one is built first (two demo tasks, adapters of a few steps on the tiny base).
 Progress goes to stderr, a table to stdout, and the last stdout line is one JSON object.
 """
@@ -138,6 +139,27 @@ def fault(kind: str, cluster, workers: list) -> dict:
     return {"killed_node": node.node_id[:12], "generator_replicas_on_it": sum(r["node"] == node.node_id for r in live)}
 
 
+def recovery_after(results: list[tuple[float, float, str]], fault: float, end: float, window_s: float = 2.0,
+                   share: float = 0.8) -> tuple[float, float]:
+    """(recovery_s, stall_s) of a fault at monotonic time `fault`, from the clients' side.
+
+    recovery_s: until answers per second (over `window_s`) stay at >= `share` of the 10 s before the fault.
+    stall_s: how long the longest request in flight at the fault went on after it (retries included).
+    Serve's replica count is no measure of this: it counts a dead replica RUNNING until its health check fails.
+    """
+    ends = [t for t, _, code in results if code == "OK"]
+
+    def rate(a: float, b: float) -> float:
+        return sum(a <= t < b for t in ends) / (b - a)
+
+    base = rate(fault - 10, fault)
+    starts = [fault + i * 0.5 for i in range(int((end - window_s - fault) / 0.5))]
+    low = [t for t in starts if rate(t, t + window_s) < share * base]
+    recovery = (low[-1] + window_s - fault) if low else 0.0
+    stall = max((t - fault for t, ms, _ in results if t - ms / 1000 < fault < t), default=0.0)
+    return round(recovery, 1), round(stall, 1)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--catalog", type=Path)
@@ -189,10 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
     ok = sorted(ms for _, ms, code in load.results if code == "OK")
     errors = sum(n for code, n in codes.items() if code != "OK")
     lost = sum(n for code, n in codes.items() if code != "OK" and grpc.StatusCode[code] not in RETRYABLE)
-    recovery = None
+    recovery = stall = None
     if fault_at is not None:
-        back = next((t for t, r in timeline if t > fault_at and r >= before), None)
-        recovery = None if back is None else round(back - fault_at, 1)
+        recovery, stall = recovery_after(load.results, t0 + fault_at, t0 + args.duration_s)
     result = {"clients": args.clients, "duration_s": args.duration_s, "fault": args.fault, **fault_info,
               "nodes": 1 + args.workers, "requests": len(load.results), "errors": errors, "lost": lost,
               "codes": dict(codes), "retried": load.retried,
@@ -200,12 +221,13 @@ def main(argv: list[str] | None = None) -> dict:
               "p50_ms": round(statistics.median(ok), 1) if ok else None,
               "p99_ms": round(ok[int(0.99 * (len(ok) - 1))], 1) if ok else None,
               "max_replicas_seen": max(r for _, r in timeline), "final_replicas": timeline[-1][1],
-              "recovery_s": recovery, "replicas_over_time": timeline[::5],
+              "recovery_s": recovery, "stall_s": stall, "replicas_over_time": timeline,
               "canary_bad_rolled_back": None, "canary_good_promoted": None}   # canary: once the Router is wired
     print(f"{'clients':>8} {'requests':>9} {'errors':>7} {'lost':>5} {'retried':>8} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'max repl':>9} {'recovery s':>11}")
+          f"{'max repl':>9} {'recovery s':>11} {'stall s':>8}")
     print(f"{result['clients']:>8} {result['requests']:>9} {errors:>7} {lost:>5} {load.retried:>8} "
-          f"{result['p50_ms']!s:>8} {result['p99_ms']!s:>8} {result['max_replicas_seen']:>9} {recovery!s:>11}")
+          f"{result['p50_ms']!s:>8} {result['p99_ms']!s:>8} {result['max_replicas_seen']:>9} {recovery!s:>11} "
+          f"{stall!s:>8}")
     print("Generator replicas (s: running): " + ", ".join(f"{t:.0f}:{r}" for t, r in timeline[::5]))
     print(json.dumps(result))
     return result
