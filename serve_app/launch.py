@@ -79,7 +79,7 @@ def _http(address: str | None) -> str | None:
 
 def dashboard_notice(url: str) -> str:
     """How to reach the dashboard: its address, and the token Ray 2.60 asks for (token auth is on by default)."""
-    lines = [f"Ray dashboard: {url}  (`RAY_ADDRESS={url} serve status` shows the app)"]
+    lines = [f"Ray dashboard: {url}  (the CLIs too: `RAY_ADDRESS={url} serve status`, `... ray job list`)"]
     if os.environ.get("RAY_AUTH_MODE", "token").lower() == "token":
         token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
         lines.append(f"  token auth is on: `ray get-auth-token` prints the token ({token_file}, or $RAY_AUTH_TOKEN); "
