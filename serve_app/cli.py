@@ -96,10 +96,18 @@ def cmd_train_adapter(a: argparse.Namespace) -> dict:
 
 
 def cmd_sweep(a: argparse.Namespace) -> dict:
+    from training.distributed import ray_session
     from training.run_config import load_sweep_config
     from training.sweep import run_sweep
 
-    return run_sweep(load_sweep_config(a.config))
+    from .launch import cluster_dashboard_url, dashboard_notice
+
+    config = load_sweep_config(a.config)
+    with ray_session(dashboard=config.dashboard):   # the sweep's own session: it sees Ray already started
+        url = cluster_dashboard_url()
+        if url:
+            print(dashboard_notice(url), file=sys.stderr)
+        return run_sweep(config)
 
 
 def cmd_catalog_build(a: argparse.Namespace) -> dict:
@@ -152,7 +160,13 @@ def cmd_eval_routing(a: argparse.Namespace) -> dict:
     return result
 
 
+def _interrupt(signum: int, frame) -> None:
+    """SIGTERM (what Kubernetes and `docker stop` send) ends `serve` like Ctrl-C: by draining."""
+    raise KeyboardInterrupt
+
+
 def cmd_serve(a: argparse.Namespace) -> dict:
+    import signal
     import time
 
     from routing.base_models import locate_base_model
@@ -171,19 +185,36 @@ def cmd_serve(a: argparse.Namespace) -> dict:
     app_args = AppArgs(**config["applications"][0]["args"])
     if catalog.base_model is not None:
         locate_base_model(catalog.base_model["id"], app_args.base_model)
+    signal.signal(signal.SIGTERM, _interrupt)
+    running = False
     try:
-        launch.start(config)
-    except KeyboardInterrupt:
-        launch.stop()
-        return {"stopped": True}
-    port = config["grpc_options"].get("port", 9000)   # Serve's default
-    print(f"serving catalog {a.catalog} on gRPC port {port}; Ctrl-C stops", file=sys.stderr)
-    try:
+        url = launch.start(config, address=a.address, dashboard_port=a.dashboard_port)
+        running = True
+        signal.signal(signal.SIGTERM, _interrupt)   # ray.init installs its own handler; ours drains
+        if url:
+            print(launch.dashboard_notice(url), file=sys.stderr)
+        port = config["grpc_options"].get("port", 9000)   # Serve's default
+        print(f"serving catalog {a.catalog} on gRPC port {port}; Ctrl-C or SIGTERM drains and stops", file=sys.stderr)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        launch.stop()
-    return {"stopped": True}
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second SIGTERM must not cut the drain short
+        if not running:   # stopped while starting: nothing was served yet
+            launch.stop()
+            return {"stopped": True, "drained": False}
+        return {"stopped": True, **launch.drain(config, timeout_s=a.drain_timeout)}
+
+
+def cmd_canary(a: argparse.Namespace) -> dict:
+    from .canary import commands
+    from .canary.state import RolloutStore
+
+    store = RolloutStore(a.state or commands.default_state_path())
+    if a.verb == "start":
+        return commands.start(store, a.catalog, a.policy, a.stable)
+    if a.verb == "status":
+        return commands.status(store)
+    return commands.command(store, a.verb)
 
 
 def cmd_data_select(a: argparse.Namespace) -> dict:
@@ -336,6 +367,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--base-model", help="base model directory (default: found in the cache by the catalog's id)")
     c.add_argument("--grpc-port", type=_port)
     c.add_argument("--http-port", type=_port)
+    c.add_argument("--address", help="join this Ray cluster (e.g. 127.0.0.1:6379 or auto; default: $RAY_ADDRESS, "
+                                     "else start one here, with the dashboard)")
+    c.add_argument("--dashboard-port", type=_port, default=8265, help="of the cluster started here (default 8265)")
+    c.add_argument("--drain-timeout", type=float, default=60,
+                   help="on SIGTERM / Ctrl-C: seconds to let in-flight requests finish before shutting down")
+
+    can = sub.add_parser("canary", help="roll out a candidate catalog step by step, judged on live traffic")
+    verbs = can.add_subparsers(dest="verb", required=True)
+    state = dict(help="the rollout's state file (default: $SWITCHBOARD_HOME/canary/switchboard.json, the app's)")
+    c = command("start", cmd_canary, "start a rollout of --catalog under --policy (serve_app/canary/policy.py)", verbs)
+    c.add_argument("--catalog", required=True, help="the candidate catalog (verified; same base model and encoder)")
+    c.add_argument("--policy", required=True, help="canary policy YAML")
+    c.add_argument("--stable", help="the catalog the app serves (default: what the last rollout left serving)")
+    c.add_argument("--state", **state)
+    for verb, what in (("status", "where the rollout is, and the numbers of its last decision"),
+                       ("promote", "move to the next step now"), ("rollback", "send all traffic back to stable"),
+                       ("abort", "stop the rollout; stable serves all traffic")):
+        command(verb, cmd_canary, what, verbs).add_argument("--state", **state)
 
     ev = sub.add_parser("eval", help="evaluate routing").add_subparsers(dest="what", required=True)
     c = command("routing", cmd_eval_routing, "routing accuracy of a router on labelled records", ev)

@@ -8,11 +8,20 @@
 
 `routing_temperature` is the routing softmax's τ (how K fused adapters are weighted);
 `sampling_temperature` is the sampling temperature of the answer (0 = greedy).
+
+Calls that fail with UNAVAILABLE (a replica killed mid-request, a node lost, the server draining or
+restarting, no connection yet) are retried with exponential backoff and jitter, within the call's
+timeout: every method here is read-only, so a retry cannot do anything twice. Other codes are the
+request's fault or final and are raised at once. A stream is not retried (its error can come after
+chunks were read): `generate_stream` raises what its call ends with.
 """
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import grpc
 
@@ -22,16 +31,56 @@ from protos.switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 from .contract import APP_NAME
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retry UNAVAILABLE: waits of `initial_s` x `multiplier`^n, capped at `max_s`, full jitter.
+
+    The defaults cover a Serve replica restart (about 5 s here) within their 8 attempts.
+    """
+
+    attempts: int = 8
+    initial_s: float = 0.2
+    max_s: float = 3.0
+    multiplier: float = 2.0
+    retryable: frozenset = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.initial_s < 0 or self.max_s < self.initial_s or self.multiplier < 1:
+            raise ValueError(f"retry policy: need attempts >= 1 and 0 <= initial_s <= max_s, multiplier >= 1: {self}")
+
+    def backoff_s(self, attempt: int) -> float:
+        """How long to wait after the failed attempt number `attempt` (0-based)."""
+        return random.uniform(0, min(self.max_s, self.initial_s * self.multiplier ** attempt))
+
+
+NO_RETRY = RetryPolicy(attempts=1)
+
+
 class SwitchboardClient:
-    def __init__(self, address: str = "127.0.0.1:9000", application: str = APP_NAME, timeout_s: float = 120):
+    def __init__(self, address: str = "127.0.0.1:9000", application: str = APP_NAME, timeout_s: float = 120,
+                 retry: RetryPolicy = RetryPolicy()):
         self.channel = grpc.insecure_channel(address)
         self.stub = pb_grpc.SwitchboardStub(self.channel)
         # Serve's gRPC proxy picks the application by this metadata key.
         self.metadata = (("application", application),)
         self.timeout_s = timeout_s
+        self.retry = retry
+        self.retries = 0   # how many calls were retried since the client was made (benchmarks report it)
 
     def _call(self, method, request):
-        return method(request, metadata=self.metadata, timeout=self.timeout_s)
+        deadline = time.monotonic() + self.timeout_s
+        attempt = 0
+        while True:
+            try:
+                return method(request, metadata=self.metadata, timeout=max(deadline - time.monotonic(), 0.001))
+            except grpc.RpcError as e:
+                wait = self.retry.backoff_s(attempt)
+                attempt += 1
+                if (e.code() not in self.retry.retryable or attempt >= self.retry.attempts
+                        or time.monotonic() + wait >= deadline):
+                    raise
+            self.retries += 1
+            time.sleep(wait)
 
     def generate(self, text: str, **options) -> pb.GenerateResponse:
         """The whole answer. Options: router, task, top_k, routing_temperature, max_new_tokens, stop,

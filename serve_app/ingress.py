@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 from ray import serve
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
@@ -27,9 +27,10 @@ from protos.switchboard.v1 import switchboard_pb2 as pb
 from routing.decision import RouteDecision, RouteRequest, UnknownTaskError
 
 from .config import MAX_NEW_TOKENS_LIMIT, MAX_SAMPLING_TEMPERATURE, AppArgs
-from .openai_api import OpenAIRoutes, http
 from .contract import (Answer, BadRequestError, CatalogChangedError, Delta, GenerationJob, NoAdapterError,
                        OverloadedError)
+from .health import DrainingError, ServingState
+from .openai_api import OpenAIRoutes, http
 
 log = logging.getLogger("ray.serve")
 
@@ -39,8 +40,12 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
         exc = exc.cause
     if isinstance(exc, UnknownTaskError):
         return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, CatalogChangedError):
+    if isinstance(exc, (CatalogChangedError, DrainingError)):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
+    # A replica that died (SIGKILL, its node lost) or cannot be reached now is the server's transient
+    # state, not the request's fault: Serve restarts it, and the client's retry is answered.
+    if isinstance(exc, RayActorError):   # ActorDiedError, ActorUnavailableError
+        return grpc.StatusCode.UNAVAILABLE, f"a server replica was lost mid-request; retry ({type(exc).__name__})"
     if isinstance(exc, (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)):
         return grpc.StatusCode.UNAVAILABLE, f"the server is busy or restarting; retry ({type(exc).__name__})"
     if isinstance(exc, BadRequestError):
@@ -70,7 +75,8 @@ def grpc_errors(empty_response: type):
         @functools.wraps(method)
         async def call(self, request, grpc_context):
             try:
-                return await method(self, request, grpc_context)
+                with self.admit(request):
+                    return await method(self, request, grpc_context)
             except Exception as exc:  # noqa: BLE001 - the boundary where every error becomes a status
                 code, details = status_of(exc)
                 grpc_context.set_code(code)
@@ -90,8 +96,9 @@ def grpc_stream_errors(method):
     @functools.wraps(method)
     async def call(self, request, grpc_context):
         try:
-            async for chunk in method(self, request, grpc_context):
-                yield chunk
+            with self.admit(request):
+                async for chunk in method(self, request, grpc_context):
+                    yield chunk
         except Exception as exc:  # noqa: BLE001 - the boundary where every error becomes a status
             code, details = status_of(exc)
             grpc_context.set_code(code)
@@ -113,8 +120,9 @@ def _decision_pb(d: RouteDecision) -> pb.RouteDecision:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
 @serve.ingress(http)
-class Ingress(OpenAIRoutes):
-    """gRPC (the methods named as in the .proto) and OpenAI-compatible HTTP (`OpenAIRoutes`) in one deployment."""
+class Ingress(ServingState, OpenAIRoutes):
+    """gRPC (the methods named as in the .proto, the standard health service from `ServingState`) and
+    OpenAI-compatible HTTP (`OpenAIRoutes`) in one deployment."""
 
     def __init__(self, args: dict, router: DeploymentHandle, generator: DeploymentHandle):
         self.cfg = AppArgs(**args)

@@ -41,28 +41,104 @@ def load_config(path: str | Path = DEFAULT_CONFIG, args: dict[str, Any] | None =
     return config
 
 
-def start(config: dict, timeout_s: float = 600) -> None:
-    """`serve run` without the CLI: start Serve with the config's gRPC/HTTP options, deploy, wait until RUNNING."""
+def connect(address: str | None = None, dashboard_port: int | None = None) -> str | None:
+    """Join the Ray cluster at `address` (or $RAY_ADDRESS), else start one here; return its dashboard's URL.
+
+    A cluster started here runs the dashboard when `dashboard_port` is given: `serve status`, `serve deploy`
+    and the dashboard's Serve page need it. None when already connected or no dashboard runs.
+    """
     import ray
+
+    if ray.is_initialized():
+        return None
+    # Replicas import serve_app/routing/protos: make sure they find this checkout.
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+                        "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                        # idle OpenMP threads sleep instead of spinning on cores other replicas need
+                        "OMP_WAIT_POLICY": "PASSIVE"}}
+    if address or os.environ.get("RAY_ADDRESS"):
+        context = ray.init(address=address, namespace="serve", runtime_env=env, log_to_driver=False)
+    else:
+        dashboard = dashboard_port is not None
+        context = ray.init(namespace="serve", runtime_env=env, log_to_driver=False, include_dashboard=dashboard,
+                           **({"dashboard_port": dashboard_port} if dashboard else {}))
+    return _http(context.dashboard_url)
+
+
+def cluster_dashboard_url() -> str | None:
+    """The dashboard of the cluster this process is connected to (started here or joined), if it runs one."""
+    from ray._private.worker import get_dashboard_url   # no public API for a connected driver; stable since Ray 1.x
+
+    return _http(get_dashboard_url())
+
+
+def _http(address: str | None) -> str | None:
+    return f"http://{address}" if address and "://" not in address else (address or None)
+
+
+def dashboard_notice(url: str) -> str:
+    """How to reach the dashboard: its address, and the token Ray 2.60 asks for (token auth is on by default)."""
+    lines = [f"Ray dashboard: {url}  (the CLIs too: `RAY_ADDRESS={url} serve status`, `... ray job list`)"]
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() == "token":
+        token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+        lines.append(f"  token auth is on: `ray get-auth-token` prints the token ({token_file}, or $RAY_AUTH_TOKEN); "
+                     f"paste it where the dashboard asks, send it as `Authorization: Bearer <token>`, and set "
+                     f"RAY_AUTH_MODE=token for the `ray`/`serve` CLIs")
+    return "\n".join(lines)
+
+
+def start(config: dict, timeout_s: float = 600, *, address: str | None = None,
+          dashboard_port: int | None = None) -> str | None:
+    """`serve run` without the CLI: start Serve with the config's gRPC/HTTP options, deploy, wait until RUNNING.
+
+    Joins the cluster at `address` / $RAY_ADDRESS or starts one (see `connect`); returns the dashboard URL
+    when it started one with a dashboard.
+    """
     from ray.serve._private import api as serve_api
     from ray.serve.config import gRPCOptions
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(config)
-    if not ray.is_initialized():
-        # Replicas import serve_app/routing/protos: make sure they find this checkout.
-        root = str(Path(__file__).resolve().parent.parent)
-        env = {"env_vars": {"PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-                            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                            # idle OpenMP threads sleep instead of spinning on cores other replicas need
-                            "OMP_WAIT_POLICY": "PASSIVE"}}
-        ray.init(namespace="serve", runtime_env=env, include_dashboard=False, log_to_driver=False)
+    url = connect(address, dashboard_port)
     client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
                                    grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
                                    proxy_location=schema.proxy_location)
     client.deploy_apps(schema, _blocking=False)
     for app in schema.applications:
         _wait_running(app.name, timeout_s)
+    return url
+
+
+def drain(config: dict, timeout_s: float = 60, poll_s: float = 0.2) -> dict:
+    """Stop taking requests, let those in flight finish, then shut Serve down (what SIGTERM asks for).
+
+    Sets `user_config: {draining: true}` on the Ingress: every Ingress replica answers new requests
+    UNAVAILABLE (clients retry elsewhere) and its health NOT_SERVING, without a restart. Waits until
+    the Ingress reports none in flight (three readings in a row, so that with several Ingress replicas
+    each is likely read) or `timeout_s`, then `serve.shutdown()`. Returns what it saw.
+    """
+    from ray import serve
+
+    draining = copy.deepcopy(config)
+    app = draining["applications"][0]
+    entries = {d["name"]: d for d in app.setdefault("deployments", [])}
+    if "Ingress" not in entries:
+        entries["Ingress"] = {"name": "Ingress"}
+        app["deployments"].append(entries["Ingress"])
+    entries["Ingress"]["user_config"] = {"draining": True}
+    started = time.monotonic()
+    start(draining, timeout_s)
+    handle = serve.get_deployment_handle("Ingress", app["name"])
+    quiet, deadline = 0, started + timeout_s
+    while quiet < 3 and time.monotonic() < deadline:
+        state = handle.serving_state.remote().result()
+        quiet = quiet + 1 if state["draining"] and state["in_flight"] == 0 else 0
+        time.sleep(poll_s)
+    print(f"serve: drained in {time.monotonic() - started:.1f} s" if quiet >= 3 else
+          f"serve: requests still in flight after {timeout_s:.0f} s; shutting down anyway", file=sys.stderr)
+    stop()
+    return {"drained": quiet >= 3, "drain_s": round(time.monotonic() - started, 2)}
 
 
 def switch_catalog(config: dict, catalog: str | Path, timeout_s: float = 300) -> dict:

@@ -100,7 +100,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 
 class OpenAIRoutes:
-    """The HTTP routes; the Ingress provides `cfg`, `router`, `_route`, `stream` and `generator`."""
+    """The HTTP routes; the Ingress provides `cfg`, `router`, `_route`, `stream` and `admit`."""
 
     @http.get("/v1/models")
     async def models(self) -> JSONResponse:
@@ -124,10 +124,11 @@ class OpenAIRoutes:
 
         body = None
         try:
-            body = await _parse(request, schema)
-            job, decision = await self._http_job(body, chat)
-            answer = self.stream(job)
-            first = await anext(answer)   # errors before the first token still get their HTTP status
+            with self.admit(request):   # refused while the server drains (503: retry elsewhere)
+                body = await _parse(request, schema)
+                job, decision = await self._http_job(body, chat)
+                answer = self.stream(job)
+                first = await anext(answer)   # errors before the first token still get their HTTP status
         except OpenAIError as e:
             return e.response()
         except Exception as e:  # noqa: BLE001 - every error becomes an OpenAI error object

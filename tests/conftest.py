@@ -68,3 +68,19 @@ def shared_data():
         return path
 
     return find
+
+
+@pytest.fixture(scope="session")
+def small_catalog(tmp_path_factory, tiny_base):
+    """A servable catalog in seconds: two demo tasks, adapters of two steps on the tiny base (for ops tests,
+    where what is served matters less than that it is served)."""
+    from training.adapter import TrainSpec, train_adapters
+    from training.catalog_build import build_catalog
+    from training.demo_corpus import demo_records
+
+    keys = ("fin/sentiment", "med/dose")
+    work = tmp_path_factory.mktemp("small-catalog")
+    train_adapters(tiny_base, [r for r in demo_records("train") if r.key in keys], work / "adapters",
+                   train=TrainSpec(max_steps=2), progress=False)
+    return build_catalog([r for r in demo_records("val") if r.key in keys], work / "catalog",
+                         adapters=work / "adapters", base_model=("tiny-test", tiny_base))

@@ -136,7 +136,7 @@ def test_manifest_matches_schema(doc):
 
 def test_k8s_holds_the_expected_manifests():
     kinds = sorted(doc["kind"] for _, doc in MANIFESTS)
-    assert kinds == ["ConfigMap", "RayJob", "RayService"], kinds
+    assert kinds == ["ConfigMap", "ConfigMap", "RayJob", "RayService"], kinds
 
 
 @pytest.mark.parametrize("kind, mutate, expect", [
@@ -276,6 +276,35 @@ def test_rayservice_upgrades_autoscales_and_exposes_ports():
     assert {k8s["http_options"]["port"], k8s["grpc_options"]["port"]} <= service_ports
 
 
+def test_rayservice_pods_are_ready_by_the_standard_grpc_health_service():
+    """Every serving pod's readiness is grpc.health.v1 on the Serve gRPC port, for the service the app serves."""
+    from serve_app.health import SERVICE
+
+    k8s, _ = _serve_configs()
+    for name, pod in _pods(_one("RayService")["spec"]["rayClusterConfig"]):
+        for c in pod["containers"]:
+            probe = c.get("readinessProbe", {}).get("grpc")
+            assert probe == {"port": k8s["grpc_options"]["port"], "service": SERVICE}, f"{name}/{c['name']}"
+
+
+def test_rayservice_carries_a_valid_canary_policy_and_a_shared_writable_state_dir(tmp_path):
+    """Every pod sees the policy ConfigMap, and the state dir the `canary` commands and Routers default to."""
+    from serve_app.canary.policy import load_policy
+
+    (maps,) = [d for _, d in MANIFESTS if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "switchboard-canary"]
+    (tmp_path / "policy.yaml").write_text(maps["data"]["policy.yaml"])
+    assert load_policy(tmp_path / "policy.yaml").steps[-1] == 100
+    for name, pod in _pods(_one("RayService")["spec"]["rayClusterConfig"]):
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["canary-policy"]["configMap"]["name"] == "switchboard-canary", name
+        assert not volumes["canary-state"]["persistentVolumeClaim"].get("readOnly"), name
+        for c in pod["containers"]:
+            mounts = {m["name"]: m for m in c["volumeMounts"]}
+            home = next(e["value"] for e in c["env"] if e["name"] == "SWITCHBOARD_HOME")
+            assert mounts["canary-state"]["mountPath"] == f"{home}/canary" and not mounts["canary-state"].get("readOnly")
+            assert mounts["canary-policy"]["mountPath"] == "/etc/switchboard/canary"
+
+
 @pytest.mark.parametrize("kind", ["RayService", "RayJob"])
 def test_pods_run_offline_on_one_image(kind):
     doc = _one(kind)
@@ -310,7 +339,7 @@ def test_rayjob_runs_the_sweep_from_its_configmap():
 
 def test_sweep_config_and_gpu_workers():
     spec = _one("RayJob")["spec"]
-    (configmap,) = _of_kind("ConfigMap")
+    (configmap,) = [c for c in _of_kind("ConfigMap") if c["metadata"]["name"] == "switchboard-sweep"]
     sweep = yaml.safe_load(configmap["data"]["sweep.yaml"])
     assert SWEEP_KEYS <= set(sweep), SWEEP_KEYS - set(sweep)
     assert sweep["variants"] == ["lora", "rslora", "dora", "pissa"]
