@@ -97,7 +97,8 @@ step_bench() {
 step_serving() {
     if [ -f bench/serving_load.py ]; then
         log "5 serving_load"
-        PYTHONPATH=$PWD timeout 90 "$PY" bench/serving_load.py > "$OUT/serving.txt" 2> "$OUT/serving.err" \
+        PYTHONPATH=$PWD timeout 150 "$PY" bench/serving_load.py --base-model smollm2 --rates 4,16,64 --duration 10 \
+            $([ "$TINY" = 1 ] || echo --num-gpus 0.5) > "$OUT/serving.txt" 2> "$OUT/serving.err" \
             || log "5 serving_load failed: $(tail -2 "$OUT/serving.err")"
         tail -1 "$OUT/serving.txt" > "$OUT/serving.json"
     else

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/serving_load.py                          # tiny base, ~6 min on 2 cores
     .venv/bin/python bench/serving_load.py --base-model smollm2 --rates 0.25,0.5,1,2 --duration 40
+    python bench/serving_load.py --base-model smollm2 --rates 4,16,64 --duration 10 --num-gpus 0.5   # a GPU
 
 Both batching modes (the Generator's `batching` arg: `static` runs a batch until its last answer
 before admitting the next, `continuous` admits at every decoding step) are deployed side by side as
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--duration", type=float, default=20, help="seconds of arrivals per rate")
     ap.add_argument("--modes", default="static,continuous")
     ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--num-gpus", type=float, default=0, help="GPUs per Generator replica (0.5: both modes share one)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -178,6 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
             if d["name"] == "Generator":   # one replica each: the comparison is per replica
                 d.pop("autoscaling_config", None)
                 d["num_replicas"] = 1
+                if args.num_gpus:
+                    d.setdefault("ray_actor_options", {})["num_gpus"] = args.num_gpus
         config["applications"].append(app)
     log(f"starting the app ({', '.join(modes)} side by side)")
     launch.start(config)

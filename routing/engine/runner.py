@@ -11,11 +11,13 @@ Qwen3, SmolLM, ...).
 from __future__ import annotations
 
 import importlib
+import weakref
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from routing.engine.scheduler import PrefillChunk
 from routing.engine.sequence import Sequence
@@ -63,13 +65,20 @@ class ModelRunner:
         self.k_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)   # (layers, slots, Hkv, hd)
         self.v_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.device = p.device
+        self._slot_maps: weakref.WeakKeyDictionary[Sequence, torch.Tensor] = weakref.WeakKeyDictionary()
 
     @property
     def kv_bytes(self) -> int:
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
 
-    def _slot(self, seq: Sequence, pos: int) -> int:
-        return seq.blocks[pos // self.block_size] * self.block_size + pos % self.block_size
+    def _slots(self, seq: Sequence) -> torch.Tensor:
+        """Cache slot of each position the sequence can use (its blocks are reserved once, at admission)."""
+        slots = self._slot_maps.get(seq)
+        if slots is None:
+            blocks = torch.tensor(seq.blocks, dtype=torch.long)
+            slots = (blocks[:, None] * self.block_size + torch.arange(self.block_size)).flatten()
+            self._slot_maps[seq] = slots
+        return slots
 
     @torch.inference_mode()
     def forward(self, rows: list[Row], logits_for: list[bool]) -> torch.Tensor:
@@ -82,23 +91,21 @@ class ModelRunner:
         lengths = [r.start + len(r.tokens) for r in rows]          # cache length of each row after this pass
         span = max(lengths)
         ids = torch.zeros((b, t), dtype=torch.long)
-        pos = torch.zeros((b, t), dtype=torch.long)
         valid = torch.zeros((b, t), dtype=torch.bool)
-        gather = torch.zeros((b, span), dtype=torch.long)          # cache slot of each key position
-        write = []
         for i, r in enumerate(rows):
-            n = len(r.tokens)
-            ids[i, :n] = torch.tensor(r.tokens)
-            pos[i] = torch.arange(r.start, r.start + t)
-            valid[i, :n] = True
-            gather[i, :lengths[i]] = torch.tensor([self._slot(r.seq, j) for j in range(lengths[i])])
-            write.extend(gather[i, r.start:lengths[i]].tolist())
+            ids[i, :len(r.tokens)] = torch.tensor(r.tokens)
+            valid[i, :len(r.tokens)] = True
+        starts = torch.tensor([r.start for r in rows])
+        pos = starts[:, None] + torch.arange(t)                       # (B, T)
+        slots = [self._slots(r.seq) for r in rows]
+        gather = pad_sequence([s[:n] for s, n in zip(slots, lengths)], batch_first=True)   # (B, S) cache slots
+        write = torch.cat([s[r.start:n] for s, r, n in zip(slots, rows, lengths)])       # new tokens' slots
         key_pos = torch.arange(span)
         mask = (key_pos[None, None, :] <= pos[:, :, None]) & (key_pos[None, None, :] < torch.tensor(lengths)[:, None, None])
         mask[~valid] = key_pos[None, :] == 0   # padding queries look at one key: no empty softmax (their output is dropped)
         dev = self.device
         ids, pos, valid, gather, mask = ids.to(dev), pos.to(dev), valid.to(dev), gather.to(dev), mask[:, None].to(dev)
-        write = torch.tensor(write, dtype=torch.long, device=dev)
+        write = write.to(dev)
 
         self.fused.set_routing([list(r.seq.routes) for r in rows])
         h = self.body.embed_tokens(ids)                                             # (B, T, D)
