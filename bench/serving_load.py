@@ -36,7 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # idle OpenMP threads must not spin on the replicas' cores
+
+import grpc  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

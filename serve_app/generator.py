@@ -133,7 +133,7 @@ class Generator:
         text, first, ended = [], None, False
         try:
             while True:
-                event = await events.get()
+                event, pending = await _coalesced(events)
                 ended = isinstance(event, BaseException) or event.done
                 if isinstance(event, BaseException):
                     raise _refusal(event)
@@ -141,9 +141,9 @@ class Generator:
                     raise event.error
                 if first is None and event.new_tokens:
                     first = time.perf_counter()
-                if event.text:
-                    text.append(event.text)
-                    yield Delta(event.text)
+                if pending:
+                    text.append(pending)
+                    yield Delta(pending)
                 if ended:
                     if len(self.catalogs) > 1:
                         await self.loop.call(self._prune)
@@ -172,6 +172,18 @@ class Generator:
                     "kv_blocks_free": sched.blocks.free, "kv_blocks": sched.blocks.num_blocks,
                     "kv_bytes": engine.runner.kv_bytes, "aborted": self.loop.aborted}
         return await self.loop.call(snapshot)
+
+
+async def _coalesced(events: asyncio.Queue) -> tuple[Event | BaseException, str]:
+    """The next event and the text of every event queued up to it, as one: a client (or Serve) that falls
+    behind the engine gets fewer, longer chunks instead of a backlog of one-token ones."""
+    event = await events.get()
+    text = [] if isinstance(event, BaseException) else [event.text]
+    while not events.empty() and not (isinstance(event, BaseException) or event.done):
+        event = events.get_nowait()
+        if not isinstance(event, BaseException):
+            text.append(event.text)
+    return event, "".join(text)
 
 
 def _refusal(error: BaseException) -> BaseException:
