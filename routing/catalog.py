@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from .adapter_config import AdapterLoadError, read_adapter_config
+from .encoder import check_encoder
+from .metrics import METRICS
 from .task_index import TaskIndex, TaskIndexError
 
 FORMAT = 1
@@ -42,7 +44,7 @@ class TaskEntry:
     domain: str
     task: str
     template: str
-    metric: str = "exact"
+    metric: str = "exact"               # routing.metrics name; catalogs before per-task metrics all say exact
     adapter: str | None = None          # path relative to the catalog root, or None (routing-only)
     lora: dict[str, Any] | None = None  # variant, r, alpha, target modules: what the adapter was trained with
 
@@ -56,7 +58,7 @@ class Catalog:
     root: Path
     version: str
     base_model: dict[str, str] | None   # {"name": "tiny", "id": "<dir>@<hash>"}; None for routing-only
-    encoder: dict[str, str]             # {"name", "prefix", "text_mode"}
+    encoder: dict[str, Any]             # {"name", "prefix", "text_mode"[, "fingerprint"]}
     tasks: dict[str, TaskEntry]
     index: TaskIndex
     routers: dict[str, str] = field(default_factory=dict)  # router name -> artefact dir (relative)
@@ -115,8 +117,14 @@ class Catalog:
                 raise CatalogError(f"task {key!r} is listed with domain/task {entry.key!r}")
             if not isinstance(entry.template, str) or "{text}" not in entry.template:
                 raise CatalogError(f"task {key}: template has no {{text}} placeholder")
+            if entry.metric not in METRICS:
+                raise CatalogError(f"task {key}: unknown metric {entry.metric!r}; known: {', '.join(sorted(METRICS))}")
             if entry.adapter is not None:
                 self._check_adapter(key, entry.adapter)
+        try:
+            check_encoder(self.encoder)
+        except ValueError as e:
+            raise CatalogError(str(e)) from None
         if sorted(self.index.keys) != sorted(self.tasks):
             raise CatalogError(f"task index covers {sorted(self.index.keys)} but the catalog lists {sorted(self.tasks)}")
         for name, rel in self.routers.items():

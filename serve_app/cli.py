@@ -108,7 +108,13 @@ def cmd_catalog_build(a: argparse.Namespace) -> dict:
 
     records = load_records(a.tasks, a.files)
     base = _base_model(a.base_model) if a.adapters else None
-    catalog = build_catalog(records, a.out, adapters=a.adapters, base_model=base, text_mode=a.text, per_task=a.per_task)
+    encoder = None
+    if a.encoder:
+        from routing.encoder import Encoder
+
+        encoder = Encoder(str(Path(a.encoder).resolve()))
+    catalog = build_catalog(records, a.out, adapters=a.adapters, base_model=base, text_mode=a.text, per_task=a.per_task,
+                            encoder=encoder, metrics=a.metric or [])
     return _catalog_summary(catalog)
 
 
@@ -231,10 +237,14 @@ def cmd_selector_update(a: argparse.Namespace) -> dict:
 
 def cmd_pair(a: argparse.Namespace) -> dict:
     from routing.catalog import Catalog
+    from routing.pairing import HalvingConfig
     from training.pairing import pair_catalog
     from training.records import load_records
 
-    return pair_catalog(Catalog.load(a.catalog), a.pool, load_records(a.data, a.files), a.out)[1]
+    config = HalvingConfig(base_samples=a.m, keep=a.eta, growth=a.gamma, warmup=a.warmup, rounds=a.rounds,
+                           budget=a.budget, seed=a.seed)
+    return pair_catalog(Catalog.load(a.catalog), a.pool, load_records(a.data, a.files), a.out, config=config,
+                        strict=a.strict)[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -317,6 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", required=True, help="validation records of the catalog's tasks")
     c.add_argument("--files", **files)
     c.add_argument("--out", required=True)
+    c.add_argument("--m", type=_positive, default=4, help="base samples per candidate in the first rounds")
+    c.add_argument("--eta", type=float, default=0.5, help="keep ratio η in (0, 1) per round")
+    c.add_argument("--gamma", type=float, default=2.0, help="sample growth γ > 1 per round after warm-up")
+    c.add_argument("--warmup", type=int, default=1, help="warm-up rounds k at the base sample size")
+    c.add_argument("--rounds", type=_positive, help="at most R rounds (default: until one candidate is left)")
+    c.add_argument("--budget", type=_positive, help="at most this many candidate x sample evaluations per task")
+    c.add_argument("--seed", type=_seed, default=0)
+    c.add_argument("--strict", action="store_true",
+                   help="fail (exit 2, no catalog) when a task's candidates tie at a cut, instead of warning")
 
     cat = sub.add_parser("catalog", help="build or inspect catalogs").add_subparsers(dest="what", required=True)
     c = command("build", cmd_catalog_build, "build a catalog (routing-only without --adapters)", cat)
@@ -327,6 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--base-model", **base)
     c.add_argument("--text", default="input", **text)
     c.add_argument("--per-task", type=_positive, help="samples per task for its centroid (default: all)")
+    c.add_argument("--encoder", metavar="DIR", help="a sentence-transformers directory (default: the packaged "
+                                                     "all-MiniLM-L6-v2); recorded with a fingerprint checked at load")
+    c.add_argument("--metric", action="append", metavar="NAME|TASK=NAME",
+                   help="the tasks' metric (exact, first_line, accuracy, rouge_l, bleu), for all tasks or one "
+                        "(repeatable); default: inferred from each task's references")
     c = command("show", cmd_catalog_show, "validate a catalog and print its manifest", cat)
     c.add_argument("catalog")
 
