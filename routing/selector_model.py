@@ -20,6 +20,12 @@ from .base_models import load_causal_lm, locate_base_model
 from .catalog import LABELS_FILE
 
 SELECTOR_TEMPLATE = "### Which task is this request for?\n{text}\n### Task:\n"
+# Tokens of prompt + label the selector trains on by default (`training.selector`). The window it
+# trained on is recorded in its artefact and scoring uses that one, so a prompt is judged as it was
+# learned; longer prompts lose their start in both. Artefacts from before the record trained on 128.
+SELECTOR_MAX_LENGTH = 256
+SELECTION_CONFIG = "selection_config.json"
+WINDOW_KEY, LEGACY_WINDOW = "max_length", 128
 
 
 def label_text(key: str) -> str:
@@ -28,18 +34,25 @@ def label_text(key: str) -> str:
     return f"domain: {domain}, task: {task}"
 
 
+def trained_window(artefact: Path) -> int:
+    """The prompt + label window the selector at `artefact` was trained on."""
+    file = artefact / SELECTION_CONFIG
+    return int(json.loads(file.read_text()).get(WINDOW_KEY, LEGACY_WINDOW)) if file.is_file() else LEGACY_WINDOW
+
+
 class SelectorModel:
-    def __init__(self, artefact: str | Path, base_model: str | Path | None = None, max_length: int = 256):
+    def __init__(self, artefact: str | Path, base_model: str | Path | None = None):
         artefact = Path(artefact)
         self.labels: list[str] = json.loads((artefact / LABELS_FILE).read_text())
         config = json.loads((artefact / "adapter_config.json").read_text())
         base_dir = locate_base_model(config["base_model_name_or_path"], base_model)
         model, self.tokenizer = load_causal_lm(base_dir)
         self.model = PeftModel.from_pretrained(model, str(artefact)).eval()
-        self.max_length = max_length
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         self.label_ids = [self.tokenizer(label_text(k), add_special_tokens=False)["input_ids"] + eos
                           for k in self.labels]
+        # Training fit prompt + label in its window; the prompt here keeps room for the longest label.
+        self.max_length = trained_window(artefact) - max(map(len, self.label_ids))
 
     @torch.inference_mode()
     def log_likelihoods(self, texts: list[str]) -> torch.Tensor:

@@ -218,21 +218,24 @@ def cmd_train_router(a: argparse.Namespace) -> dict:
         from training.selector import train_selector
 
         new, report = train_selector(catalog, records, a.out, _base_model(a.base_model)[1], per_task=a.per_task,
-                                     text_mode=a.text)
+                                     embed=a.embed, metric=a.metric, text_mode=a.text)
     return {**_catalog_summary(new), "selection": report}
 
 
 def cmd_selector_update(a: argparse.Namespace) -> dict:
     from routing.catalog import Catalog
     from training.records import load_records
-    from training.selector import update_selector
+    from training.selector import UPDATE_FILE, update_selector
 
     catalog = Catalog.load(a.catalog)
     new_records = load_records(a.tasks, a.files) if a.tasks else []
     base = _base_model(a.base_model)[1] if a.base_model else None   # None: the selector's own, from the cache
-    new = update_selector(catalog, a.op, a.out, base, ratio=a.ratio, new_records=new_records,
-                          delete=a.delete or [], per_task=a.per_task, text_mode=a.text)
-    return _catalog_summary(new)
+    validation = load_records(a.val, a.files) if a.val else []
+    new = update_selector(catalog, a.op, a.out, base, ratio=a.ratio, new_records=new_records, delete=a.delete or [],
+                          adapters=a.adapters, routing_only=a.routing_only, validation=validation,
+                          per_task=a.per_task)
+    update = json.loads((new.router_path("selector") / UPDATE_FILE).read_text())
+    return {**_catalog_summary(new), "update": update}
 
 
 def cmd_pair(a: argparse.Namespace) -> dict:
@@ -292,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--base-model", **base)
     c.add_argument("--text", default="input", **text)
     c.add_argument("--per-task", type=_positive, default=100, help="selector: K-means representatives per task")
+    c.add_argument("--embed", default="encoder", choices=["encoder", "base-embeddings"],
+                   help="selector: what the K-means selection clusters (base-embeddings: the base LM's embedding "
+                        "layer, the AS paper's way); recorded, and reused by `selector update`")
+    c.add_argument("--metric", default="cos", choices=["l2", "ip", "cos"],
+                   help="selector: the K-means distance (recorded, and reused by `selector update`)")
 
     c = command("sweep", cmd_sweep, "Ray Tune sweep over LoRA variants; best trial per task -> new catalog version")
     c.add_argument("--config", required=True, help="a sweep config, YAML or JSON (examples/sweep-smoke.yaml)")
@@ -316,10 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tasks", help="records of the tasks to add / balance")
     c.add_argument("--files", **files)
     c.add_argument("--delete", action="append", help="task key to delete (repeatable)")
+    c.add_argument("--adapters", help="add: directory with the new tasks' adapters, <domain>/<task>/ each")
+    c.add_argument("--routing-only", action="store_true",
+                   help="add: the new tasks without adapters (routable labels, not servable)")
+    c.add_argument("--val", help="balance: validation records; tasks the selector routes well there are reduced, "
+                                 "the others augmented")
     c.add_argument("--out", required=True)
     c.add_argument("--base-model", help="the selector's base model (default: the one it trained on, from the cache)")
-    c.add_argument("--text", default="input", **text)
-    c.add_argument("--per-task", type=_positive, default=100)
+    c.add_argument("--per-task", type=_positive,
+                   help="representatives per new task (default: what the selector was trained with)")
 
     c = command("pair", cmd_pair, "Successive Halving: each task's best adapter from a pool -> new catalog version")
     c.add_argument("--catalog", required=True)
