@@ -114,13 +114,14 @@ def cmd_catalog_build(a: argparse.Namespace) -> dict:
 
         encoder = Encoder(str(Path(a.encoder).resolve()))
     catalog = build_catalog(records, a.out, adapters=a.adapters, base_model=base, text_mode=a.text, per_task=a.per_task,
-                            encoder=encoder, metrics=a.metric or [])
+                            encoder=encoder, metrics=a.metric or [], calibrate_tau=not a.no_calibrate)
     return _catalog_summary(catalog)
 
 
 def _catalog_summary(catalog) -> dict:
     return {"catalog": str(catalog.root), "version": catalog.version, "base_model": catalog.base_model,
             "encoder": catalog.encoder, "routers": sorted(catalog.routers), "parent": catalog.parent,
+            "calibration": catalog.calibration,
             "tasks": {k: {"adapter": t.adapter, "lora": t.lora, "metric": t.metric} for k, t in catalog.tasks.items()}}
 
 
@@ -364,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--metric", action="append", metavar="NAME|TASK=NAME",
                    help="the tasks' metric (exact, first_line, accuracy, rouge_l, bleu), for all tasks or one "
                         "(repeatable); default: inferred from each task's references")
+    c.add_argument("--no-calibrate", action="store_true",
+                   help="LoRAuter's exact rule: τ on raw cosines (default: the centroid router's temperature is "
+                        "fitted to this catalog on its index samples, leave-one-out, and recorded)")
     c = command("show", cmd_catalog_show, "validate a catalog and print its manifest", cat)
     c.add_argument("catalog")
 

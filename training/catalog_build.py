@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 from routing.base_models import base_model_id
+from routing.calibration import calibrate
 from routing.catalog import Catalog, CatalogError, TaskEntry, check_new_catalog_dir, write_catalog
 from routing.encoder import Encoder, encoder_fingerprint, shared_encoder
 from routing.metrics import METRICS, infer_metric
@@ -63,14 +64,16 @@ def task_metrics(groups: dict[str, list[Record]], specs: list[str] = ()) -> dict
 def build_catalog(records: list[Record], out: str | Path, *, adapters: str | Path | None = None,
                   base_model: tuple[str, Path] | None = None, text_mode: TextMode = "input",
                   per_task: int | None = None, encoder: Encoder | None = None, metrics: list[str] = (),
-                  seed: int = 0, versioned: bool = False) -> Catalog:
+                  calibrate_tau: bool = True, seed: int = 0, versioned: bool = False) -> Catalog:
     """Write a catalog for the tasks in `records`.
 
     Without `adapters` it is routing-only (task index, templates), enough to evaluate routers on
     real data. With it, `adapters/<domain>/<task>` must hold a peft adapter for every task, trained
     on `base_model` = (name, directory). `metrics`: see `task_metrics`. The encoder (default the
     packaged MiniLM; any sentence-transformers directory) is recorded with a fingerprint that
-    `Catalog.load` checks. `versioned`: see `routing.catalog.write_catalog`.
+    `Catalog.load` checks. `calibrate_tau`: fit the centroid router's temperature to this index
+    (`routing.calibration`); off, τ applies to raw cosines as in LoRAuter. `versioned`: see
+    `routing.catalog.write_catalog`.
     """
     if not versioned:
         check_new_catalog_dir(out)   # before the encoder runs, not after
@@ -96,4 +99,4 @@ def build_catalog(records: list[Record], out: str | Path, *, adapters: str | Pat
     if fingerprint is not None:   # the default's manifest stays as before (and so its version)
         enc["fingerprint"] = fingerprint
     return write_catalog(out, tasks=tasks, index=index, encoder=enc, base_model=base, adapter_dirs=adapter_dirs,
-                         versioned=versioned)
+                         calibration=calibrate(index, calibrate_tau), versioned=versioned)
