@@ -113,6 +113,15 @@ def cmd_catalog_build(a: argparse.Namespace) -> dict:
         from routing.encoder import Encoder
 
         encoder = Encoder(str(Path(a.encoder).resolve()))
+    if a.pseudo_tasks:
+        from training.pseudo_catalog import build_pseudo_task_catalog
+
+        if not a.adapters:
+            raise ValueError("--pseudo-tasks needs --adapters: a pool of candidate adapters to pair the clusters with")
+        catalog, report = build_pseudo_task_catalog(records, a.out, a.pseudo_tasks, a.adapters, base,
+                                                    text_mode=a.text, encoder=encoder,
+                                                    calibrate_tau=not a.no_calibrate)
+        return {**_catalog_summary(catalog), **report}
     catalog = build_catalog(records, a.out, adapters=a.adapters, base_model=base, text_mode=a.text, per_task=a.per_task,
                             encoder=encoder, metrics=a.metric or [], calibrate_tau=not a.no_calibrate)
     return _catalog_summary(catalog)
@@ -142,17 +151,24 @@ def cmd_eval_routing(a: argparse.Namespace) -> dict:
 
     if a.plot:
         _new_file("--plot", a.plot, ".png")
+    regime = "ood" if a.ood else a.regime
     catalog = Catalog.load(a.catalog)
     records = load_records(a.data, a.files)
     unknown = sorted({r.key for r in records} - set(catalog.tasks))
-    if unknown and not a.ood:
+    if unknown:
         raise ValueError(f"{a.data}: tasks {unknown} are not in catalog {catalog.version}")
     mode = a.text or catalog.encoder["text_mode"]
-    router = make_router(a.router, catalog)
     encoder = Encoder(catalog.encoder["name"], catalog.encoder["prefix"])
+    texts, keys = [r.text(mode) for r in records], [r.key for r in records]
+    if regime != "non-ood":
+        from training.ood_evaluation import evaluate_regime
+
+        train = load_records(a.train, a.files) if a.train else []
+        return evaluate_regime(catalog, a.router, texts, keys, regime, embed=encoder.encode, train_records=train,
+                               folds=a.folds, text_mode=mode, top_k=a.top_k)
+    router = make_router(a.router, catalog)
     with tqdm(total=len(records), desc=f"routing ({router.name})", file=sys.stderr) as bar:
-        result = evaluate_routing(router, [r.text(mode) for r in records], [r.key for r in records],
-                                  top_k=a.top_k, embed=encoder.encode, ood=a.ood, progress=bar.update)
+        result = evaluate_routing(router, texts, keys, top_k=a.top_k, embed=encoder.encode, progress=bar.update)
     result["router"] = router.name   # what `auto` resolved to
     if a.plot:
         result["plot"] = str(plot_confusion(result, a.plot))
@@ -356,7 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tasks", required=True)
     c.add_argument("--files", **files)
     c.add_argument("--out", required=True)
-    c.add_argument("--adapters", help="directory of adapters, <domain>/<task>/ each")
+    c.add_argument("--adapters", help="directory of adapters, <domain>/<task>/ each; with --pseudo-tasks, a pool "
+                                      "of candidate adapters (any names)")
+    c.add_argument("--pseudo-tasks", type=_positive, metavar="K",
+                   help="ignore the records' task labels: K-means them into K pseudo-tasks, pair each with its best "
+                        "adapter from the --adapters pool by Successive Halving (LoRAuter §4.4)")
     c.add_argument("--base-model", **base)
     c.add_argument("--text", default="input", **text)
     c.add_argument("--per-task", type=_positive, help="samples per task for its centroid (default: all)")
@@ -388,7 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "or any of those, or selector")
     c.add_argument("--top-k", type=int, default=3, choices=range(1, MAX_TOP_K + 1), metavar=f"1..{MAX_TOP_K}")
     c.add_argument("--text", **text)
-    c.add_argument("--ood", action="store_true", help="leave each query's own task out of the pool")
+    c.add_argument("--regime", default="non-ood", choices=["non-ood", "semi-ood", "ood"],
+                   help="LoRAuter's regimes: ood removes each query's task (its validation samples and adapter); a "
+                        "trained router is retrained without it, per fold of tasks (needs --train)")
+    c.add_argument("--ood", action="store_true", help="short for --regime ood")
+    c.add_argument("--train", metavar="DATA", help="ood with a trained router: its training records")
+    c.add_argument("--folds", type=_positive, default=3, help="ood with a trained router: task folds retrained")
     c.add_argument("--plot", metavar="FILE.png", help="also write the confusion matrix (true task x top-1 task)")
     return p
 

@@ -44,6 +44,15 @@ def build_index(records: list[Record], text_mode: TextMode, per_task: int | None
     return TaskIndex.from_embeddings(embeddings, [r.key for r in chosen])
 
 
+def encoder_record(encoder: Encoder, text_mode: TextMode) -> dict:
+    """The catalog's `encoder` entry: name (or directory), prefix, text mode, and a directory's fingerprint."""
+    record = {"name": encoder.name, "prefix": encoder.prefix, "text_mode": text_mode}
+    fingerprint = encoder_fingerprint(encoder.name)
+    if fingerprint is not None:   # the default's manifest stays as before (and so its version)
+        record["fingerprint"] = fingerprint
+    return record
+
+
 def task_metrics(groups: dict[str, list[Record]], specs: list[str] = ()) -> dict[str, str]:
     """Each task's metric: `specs` are `NAME` (every task) or `domain/task=NAME` (one task, wins over
     NAME); a task no spec names gets `routing.metrics.infer_metric` of its references."""
@@ -94,9 +103,5 @@ def build_catalog(records: list[Record], out: str | Path, *, adapters: str | Pat
         tasks = {k: TaskEntry(**{**v.__dict__, "lora": lora_summary(adapter_dirs[k])}) for k, v in tasks.items()}
         base = {"name": base_model[0], "id": base_model_id(base_model[1])}
     index = build_index(records, text_mode, per_task, encoder, seed)
-    enc = {"name": encoder.name, "prefix": encoder.prefix, "text_mode": text_mode}
-    fingerprint = encoder_fingerprint(encoder.name)
-    if fingerprint is not None:   # the default's manifest stays as before (and so its version)
-        enc["fingerprint"] = fingerprint
-    return write_catalog(out, tasks=tasks, index=index, encoder=enc, base_model=base, adapter_dirs=adapter_dirs,
+    return write_catalog(out, tasks=tasks, index=index, encoder=encoder_record(encoder, text_mode), base_model=base, adapter_dirs=adapter_dirs,
                          calibration=calibrate(index, calibrate_tau), versioned=versioned)

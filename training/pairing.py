@@ -86,6 +86,39 @@ def pair_task(base_dir: Path, pool: dict[str, Path], records: list[Record], temp
     return successive_halving(list(pool), len(records), score, config)
 
 
+def pair_tasks(base_dir: Path, pool: dict[str, Path], groups: dict[str, list[Record]], tasks: dict[str, TaskEntry],
+               text_mode: str, config: HalvingConfig, parallel: bool = True) -> dict[str, HalvingResult]:
+    """Successive Halving for every task in `tasks` on its validation records `groups[task]`, in
+    parallel as Ray tasks (one CPU each) unless `parallel` is off; progress and ties on stderr."""
+    jobs = {k: (base_dir, pool, groups[k], t.template, t.metric, text_mode, config) for k, t in tasks.items()}
+    if parallel:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False)
+        remote = ray.remote(num_cpus=1)(pair_task)
+        refs = {k: remote.remote(*args) for k, args in jobs.items()}
+        results = {k: ray.get(ref) for k, ref in refs.items()}
+    else:
+        results = {k: pair_task(*args) for k, args in jobs.items()}
+    for k, res in results.items():
+        print(f"  {k}: {res.winner} ({res.evaluations} evaluations over {len(res.rounds)} rounds)", file=sys.stderr)
+        if res.tied:
+            print(f"  warning: {k}: candidates tied on {tasks[k].metric!r} at a cut; {res.winner} won by "
+                  f"pool order, not by score (more samples, or another metric?)", file=sys.stderr)
+    return results
+
+
+def check_ties(results: dict[str, HalvingResult], strict: bool) -> list[str]:
+    """The tasks whose pairing was decided by pool order; with `strict`, an error naming them."""
+    tied = sorted(k for k, r in results.items() if r.tied)
+    if strict and tied:
+        raise IndistinguishableError(
+            f"candidates could not be told apart for task(s) {tied} (tied scores at a cut: "
+            + "; ".join(f"{k}: {results[k].rounds[-1]['scores']}" for k in tied) + "); no catalog written")
+    return tied
+
+
 class IndistinguishableError(CatalogError):
     """`strict` pairing found tasks whose candidates tied at a cut: no catalog is written."""
 
@@ -106,28 +139,8 @@ def pair_catalog(catalog: Catalog, pool_dir: str | Path, records: list[Record], 
     missing = sorted(set(catalog.tasks) - set(groups))
     if missing:
         raise CatalogError(f"no validation records for task(s) {missing}")
-    jobs = {k: (base_dir, pool, groups[k], catalog.tasks[k].template, catalog.tasks[k].metric,
-                catalog.encoder["text_mode"], config) for k in catalog.keys}
-    if parallel:
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=False)
-        remote = ray.remote(num_cpus=1)(pair_task)
-        refs = {k: remote.remote(*args) for k, args in jobs.items()}
-        results = {k: ray.get(ref) for k, ref in refs.items()}
-    else:
-        results = {k: pair_task(*args) for k, args in jobs.items()}
-    for k, res in results.items():
-        print(f"  {k}: {res.winner} ({res.evaluations} evaluations over {len(res.rounds)} rounds)", file=sys.stderr)
-        if res.tied:
-            print(f"  warning: {k}: candidates tied on {catalog.tasks[k].metric!r} at a cut; {res.winner} won by "
-                  f"pool order, not by score (more samples, or another metric?)", file=sys.stderr)
-    tied = sorted(k for k, r in results.items() if r.tied)
-    if strict and tied:
-        raise IndistinguishableError(
-            f"candidates could not be told apart for task(s) {tied} (tied scores at a cut: "
-            + "; ".join(f"{k}: {results[k].rounds[-1]['scores']}" for k in tied) + "); no catalog written")
+    results = pair_tasks(base_dir, pool, groups, catalog.tasks, catalog.encoder["text_mode"], config, parallel)
+    tied = check_ties(results, strict)
     tasks = {k: TaskEntry(**{**t.__dict__, "lora": lora_summary(pool[results[k].winner])})
              for k, t in catalog.tasks.items()}
     paired = derive_catalog(catalog, out, tasks=tasks, adapter_dirs={k: pool[r.winner] for k, r in results.items()})
