@@ -235,7 +235,7 @@ def cmd_train_router(a: argparse.Namespace) -> dict:
         from training.selector import train_selector
 
         new, report = train_selector(catalog, records, a.out, _base_model(a.base_model)[1], per_task=a.per_task,
-                                     embed=a.embed, metric=a.metric, text_mode=a.text)
+                                     embed=a.embed, metric=a.metric, prompt=a.prompt, text_mode=a.text)
     return {**_catalog_summary(new), "selection": report}
 
 
@@ -317,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "layer, the AS paper's way); recorded, and reused by `selector update`")
     c.add_argument("--metric", default="cos", choices=["l2", "ip", "cos"],
                    help="selector: the K-means distance (recorded, and reused by `selector update`)")
+    c.add_argument("--prompt", default="ours", choices=["ours", "paper"],
+                   help="selector: its prompt (paper: AS App. A, with the instruction and the domain and task lists)")
 
     c = command("sweep", cmd_sweep, "Ray Tune sweep over LoRA variants; best trial per task -> new catalog version")
     c.add_argument("--config", required=True, help="a sweep config, YAML or JSON (examples/sweep-smoke.yaml)")

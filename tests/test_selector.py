@@ -5,7 +5,7 @@ import torch
 
 from routing.decision import RouteRequest
 from routing.routers import make_router
-from routing.selector_model import SelectorModel, label_text
+from routing.selector_model import SelectorModel, label_text, selector_template
 import json
 
 from training.adapter import TrainSpec, train_adapters
@@ -136,3 +136,13 @@ def test_balance_reduces_easy_tasks_and_augments_the_others(selector_catalog, ti
 
 def test_label_text():
     assert label_text("fin/sa") == "domain: fin, task: sa"
+    assert label_text("fin/sa", "paper") == "Domain:fin\nTask:sa"
+
+
+def test_paper_prompt_carries_the_instruction_and_the_domain_and_task_lists():
+    template = selector_template("paper", ["fin/sa", "fin/ha", "med/qa"])
+    assert template.startswith("Determine which of the following datapoint is\nin which domain, what is the task.")
+    assert "input:{text}\nSelect from below list:\nDomains:fin, med\nTasks:sa, ha, qa\nResults:\n" in template
+    assert selector_template("ours", ["fin/sa"]) == "### Which task is this request for?\n{text}\n### Task:\n"
+    with pytest.raises(ValueError, match="unknown selector prompt"):
+        selector_template("mine", ["fin/sa"])

@@ -148,6 +148,7 @@ class RunConfig(_Placement):
     embed: Literal["encoder", "base-embeddings"] = Field(
         "encoder", description="selector only: what K-means clusters (base-embeddings: the AS paper's way)")
     metric: Literal["l2", "ip", "cos"] = Field("cos", description="selector only: the K-means distance")
+    prompt: Literal["ours", "paper"] = Field("ours", description="selector only: its prompt (paper: AS App. A)")
     progress: bool = True
 
     @field_validator("output", "catalog")

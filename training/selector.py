@@ -25,8 +25,8 @@ from routing.catalog import LABELS_FILE, Catalog, CatalogError, TaskEntry, check
 from routing.decision import RouteRequest
 from routing.encoder import shared_encoder
 from routing.routers import make_router
-from routing.selector_model import (SELECTION_CONFIG, SELECTOR_MAX_LENGTH, SELECTOR_TEMPLATE, WINDOW_KEY, label_text,
-                                    trained_window)
+from routing.selector_model import (PROMPT_KEY, SELECTION_CONFIG, SELECTOR_MAX_LENGTH, WINDOW_KEY, label_text,
+                                    selector_template, trained_window)
 from routing.task_index import TaskIndex
 from routing.templates import template_for
 
@@ -42,16 +42,17 @@ SELECTOR_TRAIN = TrainSpec(max_steps=300, max_length=SELECTOR_MAX_LENGTH)
 EASY = 0.95   # balance: a task the selector routes at least this well on validation is "easy"
 
 
-def _as_selector_examples(records: list[Record], text_mode: TextMode) -> list[Record]:
+def _as_selector_examples(records: list[Record], text_mode: TextMode, prompt: str) -> list[Record]:
     """Request text in, task label out: what the selector learns."""
-    return [Record("", r.text(text_mode), label_text(r.key), r.domain, r.task) for r in records]
+    return [Record("", r.text(text_mode), label_text(r.key, prompt), r.domain, r.task) for r in records]
 
 
 def _train(selection: list[Record], labels: list[str], base_model_path: Path, how: dict, lora: LoraSpec,
            train: TrainSpec, progress: bool, workdir: Path, init: Path | None = None) -> Path:
     how = {**how, WINDOW_KEY: train.max_length}   # the window it is scored on too (SelectorModel reads it)
-    artefact = train_adapter(base_model_path, _as_selector_examples(selection, how["text_mode"]), SELECTOR_TEMPLATE,
-                             workdir / "selector", lora=lora, train=train, progress=progress, init_adapter=init)
+    prompt = how[PROMPT_KEY]
+    artefact = train_adapter(base_model_path, _as_selector_examples(selection, how["text_mode"], prompt),
+                             selector_template(prompt, labels), workdir / "selector", lora=lora, train=train, progress=progress, init_adapter=init)
     (artefact / LABELS_FILE).write_text(json.dumps(labels))
     (artefact / SELECTION_CONFIG).write_text(json.dumps(how, sort_keys=True))
     write_jsonl(selection, artefact / SELECTION_FILE)
@@ -63,22 +64,25 @@ def selection_config(selector: Path) -> dict:
     recorded used the sentence encoder with cosine, 100 per task, on the input text."""
     file = selector / SELECTION_CONFIG
     recorded = json.loads(file.read_text()) if file.is_file() else {}
-    return {"embed": "encoder", "metric": "cos", "per_task": 100, "text_mode": "input", **recorded}
+    return {"embed": "encoder", "metric": "cos", "per_task": 100, "text_mode": "input", PROMPT_KEY: "ours",
+            **recorded}
 
 
 def train_selector(catalog: Catalog, records: list[Record], out: str | Path, base_model_path: Path, *,
                    per_task: int = 100, embed: str = "encoder", metric: str = "cos", text_mode: TextMode = "input",
-                   lora: LoraSpec = LoraSpec(r=8, alpha=16), train: TrainSpec = SELECTOR_TRAIN,
+                   prompt: str = "ours", lora: LoraSpec = LoraSpec(r=8, alpha=16), train: TrainSpec = SELECTOR_TRAIN,
                    seed: int = 0, progress: bool = True) -> tuple[Catalog, dict]:
     """Select representatives per task (`embed`: encoder | base-embeddings, `metric`: l2 | ip | cos),
-    train the selector, return the new catalog and the selection report."""
+    train the selector with `prompt` (ours | paper, `routing.selector_model`), return the new catalog
+    and the selection report."""
     check_new_catalog_dir(out)
     unknown = sorted({r.key for r in records} - set(catalog.tasks))
     if unknown:
         raise CatalogError(f"records name tasks the catalog does not have: {unknown}")
+    selector_template(prompt, catalog.keys)   # an unknown prompt fails before the selection runs
     selection, report = select_representatives(records, per_task, how=embed, metric=metric, text_mode=text_mode,
                                                seed=seed, base_model_path=base_model_path, progress=progress)
-    how = {"embed": embed, "metric": metric, "per_task": per_task, "text_mode": text_mode}
+    how = {"embed": embed, "metric": metric, "per_task": per_task, "text_mode": text_mode, PROMPT_KEY: prompt}
     with tempfile.TemporaryDirectory() as tmp:
         artefact = _train(selection, catalog.keys, base_model_path, how, lora, train, progress, Path(tmp))
         return derive_catalog(catalog, out, router_dirs={"selector": artefact}), report
