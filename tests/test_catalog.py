@@ -135,6 +135,8 @@ def test_refuses_index_task_mismatch_and_bad_manifest(tmp_path, parts):
     (lambda m: m["tasks"]["fin/a"].update(colour="red"), "bad manifest: .*colour"),
     (lambda m: m.update(index="."), "not a readable task index"),
     (lambda m: m["tasks"]["fin/a"].update(metric="f1"), "task fin/a: unknown metric 'f1'; known: accuracy"),
+    (lambda m: m.update(calibration={"centroid_temperature": "x"}), r"calibration\.centroid_temperature: expected number"),
+    (lambda m: m.update(calibration=[0.1]), "calibration: expected dict, got list"),
 ])
 def test_hand_edited_manifest_names_the_field(tmp_path, parts, edit, message):
     cat = _write(tmp_path, parts)

@@ -45,14 +45,16 @@ def test_pseudo_task_catalog_routes_and_answers_like_named_tasks(tmp_path, tiny_
         assert report["pseudo_tasks"][key]["winner"] == task.replace("/", "-")
     # Served like named tasks: routed by the centroid router, answered through the fused model.
     router = make_router("centroid", catalog)
-    decisions = router.route([RouteRequest(r.input, embedding=e) for r, e in zip(test, encoder.encode([r.input for r in test]))])
+    embeddings = encoder.encode([r.input for r in test])
+    decisions = router.route([RouteRequest(r.input, embedding=e) for r, e in zip(test, embeddings)])
     owner = {k: c.most_common(1)[0][0] for k, c in cluster_task.items()}
     assert sum(owner[d.top] == r.key for d, r in zip(decisions, test)) / len(test) >= 0.9
     model, tokenizer = load_causal_lm(tiny_base)
     fused = FusedLoraModel(model, max_loras=len(catalog.keys), max_rank=8)
     for key in catalog.keys:
         fused.load_adapter(key, catalog.adapter_path(key))
-    answers = generate(fused, tokenizer, [render(catalog.tasks[d.top].template, r.input) for d, r in zip(decisions, test)],
-                       [list(d.tasks) for d in decisions], max_new_tokens=16, stop=[["\n"]] * len(test))
+    prompts = [render(catalog.tasks[d.top].template, r.input) for d, r in zip(decisions, test)]
+    answers = generate(fused, tokenizer, prompts, [list(d.tasks) for d in decisions], max_new_tokens=16,
+                       stop=[["\n"]] * len(test))
     accuracy = sum(score("accuracy", a.text, r.output) for a, r in zip(answers, test)) / len(test)
     assert accuracy >= 0.8, accuracy

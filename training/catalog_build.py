@@ -103,5 +103,5 @@ def build_catalog(records: list[Record], out: str | Path, *, adapters: str | Pat
         tasks = {k: TaskEntry(**{**v.__dict__, "lora": lora_summary(adapter_dirs[k])}) for k, v in tasks.items()}
         base = {"name": base_model[0], "id": base_model_id(base_model[1])}
     index = build_index(records, text_mode, per_task, encoder, seed)
-    return write_catalog(out, tasks=tasks, index=index, encoder=encoder_record(encoder, text_mode), base_model=base, adapter_dirs=adapter_dirs,
-                         calibration=calibrate(index, calibrate_tau), versioned=versioned)
+    return write_catalog(out, tasks=tasks, index=index, encoder=encoder_record(encoder, text_mode), base_model=base,
+                         adapter_dirs=adapter_dirs, calibration=calibrate(index, calibrate_tau), versioned=versioned)

@@ -52,7 +52,8 @@ def _train(selection: list[Record], labels: list[str], base_model_path: Path, ho
     how = {**how, WINDOW_KEY: train.max_length}   # the window it is scored on too (SelectorModel reads it)
     prompt = how[PROMPT_KEY]
     artefact = train_adapter(base_model_path, _as_selector_examples(selection, how["text_mode"], prompt),
-                             selector_template(prompt, labels), workdir / "selector", lora=lora, train=train, progress=progress, init_adapter=init)
+                             selector_template(prompt, labels), workdir / "selector", lora=lora, train=train,
+                             progress=progress, init_adapter=init)
     (artefact / LABELS_FILE).write_text(json.dumps(labels))
     (artefact / SELECTION_CONFIG).write_text(json.dumps(how, sort_keys=True))
     write_jsonl(selection, artefact / SELECTION_FILE)
