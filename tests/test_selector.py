@@ -90,7 +90,7 @@ def test_update_add_and_delete(selector_catalog, tiny_base):
     # Selected as the selector's own data was: base-model embeddings, L2, 40 per task, recorded again.
     recorded = json.loads((catalog.router_path("selector") / SELECTION_CONFIG).read_text())
     assert recorded == {"embed": "base-embeddings", "metric": "l2", "per_task": 40, "text_mode": "input",
-                        "max_length": FAST.max_length}
+                        "prompt": "ours", "max_length": FAST.max_length}
     assert json.loads((added.router_path("selector") / SELECTION_CONFIG).read_text()) == recorded
     selection = load_records(added.router_path("selector") / SELECTION_FILE)
     old_counts = {k: sum(r.key == k for r in selection) for k in KEYS}
