@@ -122,16 +122,17 @@ METRICS: dict[str, Metric] = {
 }
 
 
-def metric(name: str) -> Metric:
+def get_metric(name: str) -> Metric:
+    """The metric registered as `name`; a ValueError listing the known names otherwise."""
     try:
         return METRICS[name]
     except KeyError:
         raise ValueError(f"unknown metric {name!r}; known: {', '.join(sorted(METRICS))}") from None
 
 
-def score(metric_name: str, prediction: str, reference: str) -> float:
-    """`prediction` scored against `reference` by the metric named `metric_name`, in [0, 1]."""
-    return metric(metric_name).fn(prediction, reference)
+def score(metric: str, prediction: str, reference: str) -> float:
+    """`prediction` scored against `reference` by the metric named `metric`, in [0, 1]."""
+    return get_metric(metric).fn(prediction, reference)
 
 
 # References that take at most this many distinct values (or this share of the rows), each repeated

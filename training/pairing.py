@@ -18,7 +18,7 @@ import numpy as np
 from routing.base_models import load_causal_lm, locate_base_model
 from routing.catalog import Catalog, CatalogError, TaskEntry, check_new_catalog_dir, derive_catalog
 from routing.lora import FusedLoraModel, generate, read_adapter_config
-from routing.metrics import metric as lookup_metric
+from routing.metrics import get_metric
 from routing.pairing import HalvingConfig, HalvingResult, successive_halving
 from routing.templates import render
 
@@ -71,7 +71,7 @@ def pair_task(base_dir: Path, pool: dict[str, Path], records: list[Record], temp
     for name, path in pool.items():
         fused.load_adapter(name, path)
     prompts = [render(template, r.text(text_mode)) for r in records]
-    scorer = lookup_metric(metric)
+    scorer = get_metric(metric)
     max_new_tokens = answer_tokens(tokenizer, [r.output for r in records], scorer.short)
 
     def score(candidates: list[str], sample: list[int]) -> dict[str, float]:
