@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
         for ratio in [float(x) for x in a.ratios.split(",")]:
             t0 = time.perf_counter()
             v2 = update_selector(v1, "add", work / f"v2-r{ratio}", base, ratio=ratio,
-                                 new_records=[r for r in train if r.key in new], per_task=a.per_task, train=spec)
+                                 new_records=[r for r in train if r.key in new], per_task=a.per_task, train=spec,
+                                 routing_only=True)   # a routing-only bench: no adapters to bring
             acc = accuracy(v2, test, {"old": old, "new": new, "all": set(keys)})
             row = {"ratio": ratio, "old_top1": acc["old"], "new_top1": acc["new"], "all_top1": acc["all"],
                    "seconds": round(time.perf_counter() - t0, 1)}

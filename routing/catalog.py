@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from .adapter_config import AdapterLoadError, read_adapter_config
+from .calibration import calibrate
+from .encoder import check_encoder
+from .metrics import METRICS
 from .task_index import TaskIndex, TaskIndexError
 
 FORMAT = 1
@@ -42,7 +45,7 @@ class TaskEntry:
     domain: str
     task: str
     template: str
-    metric: str = "exact"
+    metric: str = "exact"               # routing.metrics name; catalogs before per-task metrics all say exact
     adapter: str | None = None          # path relative to the catalog root, or None (routing-only)
     lora: dict[str, Any] | None = None  # variant, r, alpha, target modules: what the adapter was trained with
 
@@ -56,11 +59,12 @@ class Catalog:
     root: Path
     version: str
     base_model: dict[str, str] | None   # {"name": "tiny", "id": "<dir>@<hash>"}; None for routing-only
-    encoder: dict[str, str]             # {"name", "prefix", "text_mode"}
+    encoder: dict[str, Any]             # {"name", "prefix", "text_mode"[, "fingerprint"]}
     tasks: dict[str, TaskEntry]
     index: TaskIndex
     routers: dict[str, str] = field(default_factory=dict)  # router name -> artefact dir (relative)
     parent: str | None = None           # the version this one was derived from
+    calibration: dict[str, float] = field(default_factory=dict)  # fitted to this index, e.g. routing.calibration
 
     @property
     def keys(self) -> list[str]:
@@ -103,7 +107,7 @@ class Catalog:
         try:
             tasks = {k: TaskEntry(**v) for k, v in m["tasks"].items()}
             catalog = cls(root, m["version"], m.get("base_model"), m["encoder"], tasks, index,
-                          m.get("routers", {}), m.get("parent"))
+                          m.get("routers", {}), m.get("parent"), m.get("calibration", {}))
         except (KeyError, TypeError) as e:   # a missing field, or one TaskEntry does not have
             raise CatalogError(f"{manifest_path}: bad manifest: {e}") from None
         catalog._validate(verify)
@@ -115,8 +119,14 @@ class Catalog:
                 raise CatalogError(f"task {key!r} is listed with domain/task {entry.key!r}")
             if not isinstance(entry.template, str) or "{text}" not in entry.template:
                 raise CatalogError(f"task {key}: template has no {{text}} placeholder")
+            if entry.metric not in METRICS:
+                raise CatalogError(f"task {key}: unknown metric {entry.metric!r}; known: {', '.join(sorted(METRICS))}")
             if entry.adapter is not None:
                 self._check_adapter(key, entry.adapter)
+        try:
+            check_encoder(self.encoder)
+        except ValueError as e:
+            raise CatalogError(str(e)) from None
         if sorted(self.index.keys) != sorted(self.tasks):
             raise CatalogError(f"task index covers {sorted(self.index.keys)} but the catalog lists {sorted(self.tasks)}")
         for name, rel in self.routers.items():
@@ -154,7 +164,7 @@ class Catalog:
 # Top-level manifest fields and the JSON types they must have (absent optional ones are fine).
 _MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
     "version": (str,), "encoder": (dict,), "tasks": (dict,), "index": (str,), "routers": (dict,),
-    "base_model": (dict, type(None)), "parent": (str, type(None))}
+    "base_model": (dict, type(None)), "parent": (str, type(None)), "calibration": (dict,)}
 
 
 def _check_manifest_shape(m: dict, path: Path) -> None:
@@ -163,10 +173,11 @@ def _check_manifest_shape(m: dict, path: Path) -> None:
         if name in m and not isinstance(m[name], types):
             raise CatalogError(f"{path}: {name}: expected {' or '.join(t.__name__ for t in types)}, "
                                f"got {type(m[name]).__name__}")
-    for name, types in (("tasks", dict), ("routers", str)):
+    for name, types in (("tasks", dict), ("routers", str), ("calibration", (int, float))):
         for key, value in m.get(name, {}).items():
-            if not isinstance(value, types):
-                raise CatalogError(f"{path}: {name}.{key}: expected {types.__name__}, got {type(value).__name__}")
+            if not isinstance(value, types) or isinstance(value, bool):
+                expected = types.__name__ if isinstance(types, type) else "number"
+                raise CatalogError(f"{path}: {name}.{key}: expected {expected}, got {type(value).__name__}")
 
 
 def _confined(root: Path, rel: str, what: str) -> str:
@@ -211,7 +222,7 @@ def check_new_catalog_dir(out: str | Path) -> None:
 def write_catalog(out: str | Path, *, tasks: dict[str, TaskEntry], index: TaskIndex, encoder: dict[str, str],
                   base_model: dict[str, str] | None = None, adapter_dirs: dict[str, Path] | None = None,
                   router_dirs: dict[str, Path] | None = None, parent: str | None = None,
-                  versioned: bool = False) -> Catalog:
+                  calibration: dict[str, float] | None = None, versioned: bool = False) -> Catalog:
     """Write a new catalog directory atomically and return it loaded (and so validated).
 
     `adapter_dirs` / `router_dirs` are copied in (only their safetensors and JSON files), so the
@@ -238,6 +249,8 @@ def write_catalog(out: str | Path, *, tasks: dict[str, TaskEntry], index: TaskIn
         index.save(tmp / INDEX_FILE)
         manifest = {"format": FORMAT, "base_model": base_model, "encoder": encoder, "index": INDEX_FILE,
                     "tasks": {k: asdict(v) for k, v in tasks.items()}, "routers": routers, "parent": parent}
+        if calibration:   # absent when empty: catalogs without one keep their manifest (and version)
+            manifest["calibration"] = calibration
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         manifest["version"] = content_version(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -291,7 +304,8 @@ def derive_catalog(base: Catalog, out: str | Path, *, router_dirs: dict[str, Pat
 
     `router_dirs` adds or replaces trained routers; `tasks`/`index`/`adapter_dirs` replace the task
     set (adapters of kept tasks are carried over from `base` unless given). A trained router of
-    `base` that scores another task set than the new one is left behind (it would be refused).
+    `base` that scores another task set than the new one is left behind (it would be refused). A
+    calibrated `base` gets its calibration refitted when a new index is given (`routing.calibration`).
     """
     tasks = dict(tasks if tasks is not None else base.tasks)
     adapters = {k: base.adapter_path(k) for k in tasks if k in base.tasks and base.tasks[k].adapter}
@@ -302,4 +316,5 @@ def derive_catalog(base: Catalog, out: str | Path, *, router_dirs: dict[str, Pat
     return write_catalog(out, tasks={k: TaskEntry(**{**asdict(t), "adapter": None}) for k, t in tasks.items()},
                          index=index if index is not None else base.index, encoder=base.encoder,
                          base_model=base.base_model, adapter_dirs=adapters, router_dirs=routers,
-                         parent=base.version, versioned=versioned)
+                         parent=base.version, versioned=versioned,
+                         calibration=base.calibration if index is None else calibrate(index, bool(base.calibration)))

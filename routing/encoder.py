@@ -7,8 +7,10 @@ product is cosine similarity (what LoRAuter's softmax is defined on).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +28,38 @@ def _encoder_path(name: str) -> str:
     if not os.path.isdir(name):
         raise ValueError(f"encoder {name!r} is neither {DEFAULT_ENCODER!r} nor a local sentence-transformers directory")
     return name
+
+
+SMALL_FILE = 1 << 20   # files up to this size (configs, tokenizer) are hashed whole; larger ones by name and size
+
+
+def encoder_fingerprint(name: str) -> str | None:
+    """What a catalog records to know its encoder again: None for the packaged default (named by its
+    package version), else a hash of the directory's file names and sizes and of its small files'
+    bytes: a different model or tokenizer changes it, without reading gigabytes of weights."""
+    if name == DEFAULT_ENCODER:
+        return None
+    root = Path(_encoder_path(name))
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(root).as_posix()}\0{size}\0".encode())
+        if size <= SMALL_FILE:
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def check_encoder(record: dict) -> None:
+    """Refuse a catalog whose encoder (`name`, `fingerprint`) is gone or is not the one it was built with."""
+    name, expected = record["name"], record.get("fingerprint")
+    if name == DEFAULT_ENCODER or expected is None:
+        return
+    if not os.path.isdir(name):
+        raise ValueError(f"the catalog's encoder directory {name!r} does not exist here")
+    got = encoder_fingerprint(name)
+    if got != expected:
+        raise ValueError(f"encoder {name!r} is not the one the catalog was built with "
+                         f"(fingerprint {got}, catalog records {expected}); rebuild the catalog")
 
 
 class Encoder:

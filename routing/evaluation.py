@@ -21,7 +21,9 @@ def evaluate_routing(router: Router, texts: list[str], keys: list[str], *, top_k
     """Route every text and score the decisions against its true task key.
 
     `ood` leaves each query's own task out of the pool; then only `domain_acc` (of the top-1 task)
-    is meaningful. Timing covers embedding and routing, batched as the Serve path batches them.
+    is meaningful. That is LoRAuter's OOD regime for a training-free router only: a trained one saw
+    the task in training (`training.ood_evaluation` retrains it without the task instead). Timing
+    covers embedding and routing, batched as the Serve path batches them.
     """
     if router.name == "fixed":
         raise ValueError("the fixed router is told the task; there is nothing to evaluate")

@@ -21,17 +21,54 @@ from .catalog import LABELS_FILE
 from .devices import Placement
 
 SELECTOR_TEMPLATE = "### Which task is this request for?\n{text}\n### Task:\n"
+# The AS paper's selector prompt (App. A): the instruction and the lists of domains and tasks to pick from.
+PAPER_TEMPLATE = ("Determine which of the following datapoint is\nin which domain, what is the task.\ninput:{text}\n"
+                  "Select from below list:\nDomains:{domains}\nTasks:{tasks}\nResults:\n")
+PROMPTS = ("ours", "paper")
+PROMPT_KEY = "prompt"   # in SELECTION_CONFIG; selectors from before it was recorded used "ours"
+# Tokens of prompt + label the selector trains on by default (`training.selector`). The window it
+# trained on is recorded in its artefact and scoring uses that one, so a prompt is judged as it was
+# learned; longer prompts lose their start in both. Artefacts from before the record trained on 128.
+SELECTOR_MAX_LENGTH = 256
+SELECTION_CONFIG = "selection_config.json"
+WINDOW_KEY, LEGACY_WINDOW = "max_length", 128
 
 
-def label_text(key: str) -> str:
-    """What the selector is trained to write for a task key `domain/task`."""
+def label_text(key: str, prompt: str = "ours") -> str:
+    """What the selector is trained to write for a task key `domain/task` under `prompt`."""
     domain, task = key.split("/", 1)
-    return f"domain: {domain}, task: {task}"
+    return f"Domain:{domain}\nTask:{task}" if prompt == "paper" else f"domain: {domain}, task: {task}"
+
+
+def selector_template(prompt: str, labels: list[str]) -> str:
+    """The selector's prompt template (one `{text}` placeholder) for `prompt` over task keys `labels`:
+    ours names nothing; the paper's lists the distinct domains and tasks (in label order)."""
+    if prompt not in PROMPTS:
+        raise ValueError(f"unknown selector prompt {prompt!r}; use one of {', '.join(PROMPTS)}")
+    if prompt == "ours":
+        return SELECTOR_TEMPLATE
+    domains = list(dict.fromkeys(k.split("/", 1)[0] for k in labels))
+    tasks = list(dict.fromkeys(k.split("/", 1)[1] for k in labels))
+    return PAPER_TEMPLATE.replace("{domains}", ", ".join(domains)).replace("{tasks}", ", ".join(tasks))
+
+
+def _recorded(artefact: Path) -> dict:
+    file = artefact / SELECTION_CONFIG
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def trained_window(artefact: Path) -> int:
+    """The prompt + label window the selector at `artefact` was trained on."""
+    return int(_recorded(artefact).get(WINDOW_KEY, LEGACY_WINDOW))
+
+
+def trained_prompt(artefact: Path) -> str:
+    """The prompt form the selector at `artefact` was trained with."""
+    return str(_recorded(artefact).get(PROMPT_KEY, "ours"))
 
 
 class SelectorModel:
-    def __init__(self, artefact: str | Path, base_model: str | Path | None = None, max_length: int = 256,
-                 placement: Placement | None = None):
+    def __init__(self, artefact: str | Path, base_model: str | Path | None = None, placement: Placement | None = None):
         """`placement`: device and dtype of the base model and its selector LoRA (default: CPU, float32)."""
         artefact = Path(artefact)
         placement = placement or Placement(torch.device("cpu"), torch.float32)
@@ -41,15 +78,18 @@ class SelectorModel:
         base_dir = locate_base_model(config["base_model_name_or_path"], base_model)
         model, self.tokenizer = load_causal_lm(base_dir, placement.dtype, placement.device)
         self.model = PeftModel.from_pretrained(model, str(artefact)).eval()
-        self.max_length = max_length
+        prompt = trained_prompt(artefact)
+        self.template = selector_template(prompt, self.labels)
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        self.label_ids = [self.tokenizer(label_text(k), add_special_tokens=False)["input_ids"] + eos
+        self.label_ids = [self.tokenizer(label_text(k, prompt), add_special_tokens=False)["input_ids"] + eos
                           for k in self.labels]
+        # Training fit prompt + label in its window; the prompt here keeps room for the longest label.
+        self.max_length = trained_window(artefact) - max(map(len, self.label_ids))
 
     @torch.inference_mode()
     def log_likelihoods(self, texts: list[str]) -> torch.Tensor:
         """(B, L) log p(label | prompt) for every catalog label, summed over the label's tokens."""
-        prompts = [SELECTOR_TEMPLATE.replace("{text}", t) for t in texts]
+        prompts = [self.template.replace("{text}", t) for t in texts]
         self.tokenizer.truncation_side = "left"  # keep the end of long inputs, next to "### Task:"
         batch = self.tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
                                max_length=self.max_length, padding_side="left").to(self.device)

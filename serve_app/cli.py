@@ -116,13 +116,29 @@ def cmd_catalog_build(a: argparse.Namespace) -> dict:
 
     records = load_records(a.tasks, a.files)
     base = _base_model(a.base_model) if a.adapters else None
-    catalog = build_catalog(records, a.out, adapters=a.adapters, base_model=base, text_mode=a.text, per_task=a.per_task)
+    encoder = None
+    if a.encoder:
+        from routing.encoder import Encoder
+
+        encoder = Encoder(str(Path(a.encoder).resolve()))
+    if a.pseudo_tasks:
+        from training.pseudo_catalog import build_pseudo_task_catalog
+
+        if not a.adapters:
+            raise ValueError("--pseudo-tasks needs --adapters: a pool of candidate adapters to pair the clusters with")
+        catalog, report = build_pseudo_task_catalog(records, a.out, a.pseudo_tasks, a.adapters, base,
+                                                    text_mode=a.text, encoder=encoder,
+                                                    calibrate_tau=not a.no_calibrate)
+        return {**_catalog_summary(catalog), **report}
+    catalog = build_catalog(records, a.out, adapters=a.adapters, base_model=base, text_mode=a.text, per_task=a.per_task,
+                            encoder=encoder, metrics=a.metric or [], calibrate_tau=not a.no_calibrate)
     return _catalog_summary(catalog)
 
 
 def _catalog_summary(catalog) -> dict:
     return {"catalog": str(catalog.root), "version": catalog.version, "base_model": catalog.base_model,
             "encoder": catalog.encoder, "routers": sorted(catalog.routers), "parent": catalog.parent,
+            "calibration": catalog.calibration,
             "tasks": {k: {"adapter": t.adapter, "lora": t.lora, "metric": t.metric} for k, t in catalog.tasks.items()}}
 
 
@@ -143,17 +159,24 @@ def cmd_eval_routing(a: argparse.Namespace) -> dict:
 
     if a.plot:
         _new_file("--plot", a.plot, ".png")
+    regime = "ood" if a.ood else a.regime
     catalog = Catalog.load(a.catalog)
     records = load_records(a.data, a.files)
     unknown = sorted({r.key for r in records} - set(catalog.tasks))
-    if unknown and not a.ood:
+    if unknown:
         raise ValueError(f"{a.data}: tasks {unknown} are not in catalog {catalog.version}")
     mode = a.text or catalog.encoder["text_mode"]
-    router = make_router(a.router, catalog)
     encoder = Encoder(catalog.encoder["name"], catalog.encoder["prefix"])
+    texts, keys = [r.text(mode) for r in records], [r.key for r in records]
+    if regime != "non-ood":
+        from training.ood_evaluation import evaluate_regime
+
+        train = load_records(a.train, a.files) if a.train else []
+        return evaluate_regime(catalog, a.router, texts, keys, regime, embed=encoder.encode, train_records=train,
+                               folds=a.folds, text_mode=mode, top_k=a.top_k)
+    router = make_router(a.router, catalog)
     with tqdm(total=len(records), desc=f"routing ({router.name})", file=sys.stderr) as bar:
-        result = evaluate_routing(router, [r.text(mode) for r in records], [r.key for r in records],
-                                  top_k=a.top_k, embed=encoder.encode, ood=a.ood, progress=bar.update)
+        result = evaluate_routing(router, texts, keys, top_k=a.top_k, embed=encoder.encode, progress=bar.update)
     result["router"] = router.name   # what `auto` resolved to
     if a.plot:
         result["plot"] = str(plot_confusion(result, a.plot))
@@ -243,29 +266,36 @@ def cmd_train_router(a: argparse.Namespace) -> dict:
         from training.selector import train_selector
 
         new, report = train_selector(catalog, records, a.out, _base_model(a.base_model)[1], per_task=a.per_task,
-                                     text_mode=a.text)
+                                     embed=a.embed, metric=a.metric, prompt=a.prompt, text_mode=a.text)
     return {**_catalog_summary(new), "selection": report}
 
 
 def cmd_selector_update(a: argparse.Namespace) -> dict:
     from routing.catalog import Catalog
     from training.records import load_records
-    from training.selector import update_selector
+    from training.selector import UPDATE_FILE, update_selector
 
     catalog = Catalog.load(a.catalog)
     new_records = load_records(a.tasks, a.files) if a.tasks else []
     base = _base_model(a.base_model)[1] if a.base_model else None   # None: the selector's own, from the cache
-    new = update_selector(catalog, a.op, a.out, base, ratio=a.ratio, new_records=new_records,
-                          delete=a.delete or [], per_task=a.per_task, text_mode=a.text)
-    return _catalog_summary(new)
+    validation = load_records(a.val, a.files) if a.val else []
+    new = update_selector(catalog, a.op, a.out, base, ratio=a.ratio, new_records=new_records, delete=a.delete or [],
+                          adapters=a.adapters, routing_only=a.routing_only, validation=validation,
+                          per_task=a.per_task)
+    update = json.loads((new.router_path("selector") / UPDATE_FILE).read_text())
+    return {**_catalog_summary(new), "update": update}
 
 
 def cmd_pair(a: argparse.Namespace) -> dict:
     from routing.catalog import Catalog
+    from routing.pairing import HalvingConfig
     from training.pairing import pair_catalog
     from training.records import load_records
 
-    return pair_catalog(Catalog.load(a.catalog), a.pool, load_records(a.data, a.files), a.out)[1]
+    config = HalvingConfig(base_samples=a.m, keep=a.eta, growth=a.gamma, warmup=a.warmup, rounds=a.rounds,
+                           budget=a.budget, seed=a.seed)
+    return pair_catalog(Catalog.load(a.catalog), a.pool, load_records(a.data, a.files), a.out, config=config,
+                        strict=a.strict)[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--base-model", **base)
     c.add_argument("--text", default="input", **text)
     c.add_argument("--per-task", type=_positive, default=100, help="selector: K-means representatives per task")
+    c.add_argument("--embed", default="encoder", choices=["encoder", "base-embeddings"],
+                   help="selector: what the K-means selection clusters (base-embeddings: the base LM's embedding "
+                        "layer, the AS paper's way); recorded, and reused by `selector update`")
+    c.add_argument("--metric", default="cos", choices=["l2", "ip", "cos"],
+                   help="selector: the K-means distance (recorded, and reused by `selector update`)")
+    c.add_argument("--prompt", default="ours", choices=["ours", "paper"],
+                   help="selector: its prompt (paper: AS App. A, with the instruction and the domain and task lists)")
 
     c = command("sweep", cmd_sweep, "Ray Tune sweep over LoRA variants; best trial per task -> new catalog version")
     c.add_argument("--config", required=True, help="a sweep config, YAML or JSON (examples/sweep-smoke.yaml)")
@@ -337,10 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tasks", help="records of the tasks to add / balance")
     c.add_argument("--files", **files)
     c.add_argument("--delete", action="append", help="task key to delete (repeatable)")
+    c.add_argument("--adapters", help="add: directory with the new tasks' adapters, <domain>/<task>/ each")
+    c.add_argument("--routing-only", action="store_true",
+                   help="add: the new tasks without adapters (routable labels, not servable)")
+    c.add_argument("--val", help="balance: validation records; tasks the selector routes well there are reduced, "
+                                 "the others augmented")
     c.add_argument("--out", required=True)
     c.add_argument("--base-model", help="the selector's base model (default: the one it trained on, from the cache)")
-    c.add_argument("--text", default="input", **text)
-    c.add_argument("--per-task", type=_positive, default=100)
+    c.add_argument("--per-task", type=_positive,
+                   help="representatives per new task (default: what the selector was trained with)")
 
     c = command("pair", cmd_pair, "Successive Halving: each task's best adapter from a pool -> new catalog version")
     c.add_argument("--catalog", required=True)
@@ -348,16 +390,37 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", required=True, help="validation records of the catalog's tasks")
     c.add_argument("--files", **files)
     c.add_argument("--out", required=True)
+    c.add_argument("--m", type=_positive, default=4, help="base samples per candidate in the first rounds")
+    c.add_argument("--eta", type=float, default=0.5, help="keep ratio η in (0, 1) per round")
+    c.add_argument("--gamma", type=float, default=2.0, help="sample growth γ > 1 per round after warm-up")
+    c.add_argument("--warmup", type=int, default=1, help="warm-up rounds k at the base sample size")
+    c.add_argument("--rounds", type=_positive, help="at most R rounds (default: until one candidate is left)")
+    c.add_argument("--budget", type=_positive, help="at most this many candidate x sample evaluations per task")
+    c.add_argument("--seed", type=_seed, default=0)
+    c.add_argument("--strict", action="store_true",
+                   help="fail (exit 2, no catalog) when a task's candidates tie at a cut, instead of warning")
 
     cat = sub.add_parser("catalog", help="build or inspect catalogs").add_subparsers(dest="what", required=True)
     c = command("build", cmd_catalog_build, "build a catalog (routing-only without --adapters)", cat)
     c.add_argument("--tasks", required=True)
     c.add_argument("--files", **files)
     c.add_argument("--out", required=True)
-    c.add_argument("--adapters", help="directory of adapters, <domain>/<task>/ each")
+    c.add_argument("--adapters", help="directory of adapters, <domain>/<task>/ each; with --pseudo-tasks, a pool "
+                                      "of candidate adapters (any names)")
+    c.add_argument("--pseudo-tasks", type=_positive, metavar="K",
+                   help="ignore the records' task labels: K-means them into K pseudo-tasks, pair each with its best "
+                        "adapter from the --adapters pool by Successive Halving (LoRAuter §4.4)")
     c.add_argument("--base-model", **base)
     c.add_argument("--text", default="input", **text)
     c.add_argument("--per-task", type=_positive, help="samples per task for its centroid (default: all)")
+    c.add_argument("--encoder", metavar="DIR", help="a sentence-transformers directory (default: the packaged "
+                                                     "all-MiniLM-L6-v2); recorded with a fingerprint checked at load")
+    c.add_argument("--metric", action="append", metavar="NAME|TASK=NAME",
+                   help="the tasks' metric (exact, first_line, accuracy, rouge_l, bleu), for all tasks or one "
+                        "(repeatable); default: inferred from each task's references")
+    c.add_argument("--no-calibrate", action="store_true",
+                   help="LoRAuter's exact rule: τ on raw cosines (default: the centroid router's temperature is "
+                        "fitted to this catalog on its index samples, leave-one-out, and recorded)")
     c = command("show", cmd_catalog_show, "validate a catalog and print its manifest", cat)
     c.add_argument("catalog")
 
@@ -396,7 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "or any of those, or selector")
     c.add_argument("--top-k", type=int, default=3, choices=range(1, MAX_TOP_K + 1), metavar=f"1..{MAX_TOP_K}")
     c.add_argument("--text", **text)
-    c.add_argument("--ood", action="store_true", help="leave each query's own task out of the pool")
+    c.add_argument("--regime", default="non-ood", choices=["non-ood", "semi-ood", "ood"],
+                   help="LoRAuter's regimes: ood removes each query's task (its validation samples and adapter); a "
+                        "trained router is retrained without it, per fold of tasks (needs --train)")
+    c.add_argument("--ood", action="store_true", help="short for --regime ood")
+    c.add_argument("--train", metavar="DATA", help="ood with a trained router: its training records")
+    c.add_argument("--folds", type=_positive, default=3, help="ood with a trained router: task folds retrained")
     c.add_argument("--plot", metavar="FILE.png", help="also write the confusion matrix (true task x top-1 task)")
     return p
 

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from routing.catalog import Catalog
-from routing.decision import DEFAULT_TEMPERATURE, MAX_TOP_K, TEMPERATURE_RANGE
+from routing.decision import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, MAX_TOP_K, TEMPERATURE_RANGE
 from routing.devices import DeviceName, DtypeName
 
 MAX_NEW_TOKENS_LIMIT = 512
@@ -27,7 +27,7 @@ class AppArgs(BaseModel):
                                                      "found in the Switchboard cache ($SWITCHBOARD_HOME/base).")
     default_router: str = Field("auto", description="Router used when a request names none; auto: the best "
                                                     "the catalog carries (ensemble, classifier, lexical, centroid).")
-    default_top_k: int = Field(1, ge=1, le=MAX_TOP_K, description="Adapters fused when a request names no top_k.")
+    default_top_k: int = Field(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K, description="Adapters fused when a request names no top_k.")
     temperature: float = Field(DEFAULT_TEMPERATURE, ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1],
                                description="Routing softmax temperature τ by default.")
     max_new_tokens: int = Field(32, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="Answer length by default.")

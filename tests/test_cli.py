@@ -48,6 +48,9 @@ def test_catalog_build_show_and_eval_routing(tmp_path):
     res = run("eval", "routing", "--catalog", str(tmp_path / "cat-lexical"), "--data", str(data["test"]))
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["router"] == "lexical" and out["top1_task_acc"] >= 0.9   # `auto` picks the trained router
+    # OOD with a trained router retrains it without the held-out tasks: it needs their training records.
+    res = run("eval", "routing", "--catalog", str(tmp_path / "cat-lexical"), "--data", str(data["test"]), "--ood")
+    assert res.returncode == 2 and "give its training records (--train)" in res.stderr, res.stderr
 
 
 def test_bad_input_exits_2_with_file_line_and_field(tmp_path):

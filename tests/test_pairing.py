@@ -11,7 +11,7 @@ from routing.pseudo_tasks import pseudo_task_index
 from training.adapter import TrainSpec, train_adapters
 from training.catalog_build import build_catalog
 from training.demo_corpus import demo_records
-from training.pairing import adapter_pool, pair_catalog
+from training.pairing import IndistinguishableError, adapter_pool, answer_tokens, pair_catalog
 
 
 def test_halving_schedule_and_budget():
@@ -31,6 +31,56 @@ def test_halving_schedule_and_budget():
     # keep = 0.6 of two candidates rounds up to both: one must still drop, or the loop never ends.
     res = successive_halving(["a", "b"], 100, score, HalvingConfig(keep=0.6))
     assert res.winner == "b" and len(res.rounds) == 1
+
+
+def test_halving_budget_rounds_and_ties():
+    quality = {"a": 0.1, "b": 0.9, "c": 0.5, "d": 0.3, "e": 0.7}
+    score = lambda cands, sample: {c: quality[c] for c in cands}   # noqa: E731
+    # The budget caps the evaluations: 5 x 4 = 20, then 3 x 8 = 24 would overspend 30, so 3 x 3.
+    res = successive_halving(list(quality), 100, score, HalvingConfig(base_samples=4, budget=30))
+    assert res.evaluations <= 30 and [r["samples"] for r in res.rounds][:2] == [4, 3] and res.winner == "b"
+    with pytest.raises(ValueError, match="budget of 4 evaluations cannot score 5 candidates"):
+        successive_halving(list(quality), 100, score, HalvingConfig(budget=4))
+    res = successive_halving(list(quality), 100, score, HalvingConfig(rounds=1))
+    assert len(res.rounds) == 1 and res.winner == "b" and not res.tied
+    # Equal scores at a cut: the pick is pool order, and the result says so.
+    flat = successive_halving(["x", "y", "z"], 100, lambda cands, sample: {c: 0.0 for c in cands})
+    assert flat.winner == "x" and flat.tied
+    # A tie below the cut does not matter: b and e are kept on score, a and d drop together.
+    res = successive_halving(list(quality), 100, lambda cands, s: {**{c: 0.0 for c in cands},
+                                                                   **{c: quality[c] for c in cands if c in "be"}},
+                             HalvingConfig(keep=0.4))
+    assert res.winner == "b" and not res.tied
+
+
+def test_answers_are_long_enough_for_long_answer_metrics(tiny_base):
+    from routing.base_models import load_causal_lm
+
+    _, tokenizer = load_causal_lm(tiny_base)
+    long = " ".join(["inflammation"] * 80)
+    assert answer_tokens(tokenizer, ["yes", long], short=True) == 24
+    assert answer_tokens(tokenizer, ["yes", long], short=False) > len(tokenizer(long)["input_ids"])
+
+
+def test_strict_pairing_refuses_a_pool_it_cannot_tell_apart(tmp_path, tiny_base):
+    """Two copies of one adapter answer alike on every sample: the warning case, an error under strict."""
+    key = "fin/ticker"
+    train = [r for r in demo_records("train") if r.key == key]
+    val = [r for r in demo_records("val") if r.key == key]
+    weak = train_adapters(tiny_base, train, tmp_path / "weak", train=TrainSpec(max_steps=2), progress=False)
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for name in ("copy-a", "copy-b"):
+        (pool / name).symlink_to(weak[key])
+    catalog = build_catalog(val, tmp_path / "cat", adapters=tmp_path / "weak", base_model=("tiny-test", tiny_base))
+    with pytest.raises(IndistinguishableError, match=r"could not be told apart for task\(s\) \['fin/ticker'\]"):
+        pair_catalog(catalog, pool, val, tmp_path / "strict", config=HalvingConfig(base_samples=4), parallel=False,
+                     strict=True)
+    assert not (tmp_path / "strict").exists()
+    paired, report = pair_catalog(catalog, pool, val, tmp_path / "lenient", config=HalvingConfig(base_samples=4),
+                                  parallel=False)
+    assert report["tied"] == [key] and report["tasks"][key]["winner"] == "copy-a"
+    assert report["tasks"][key]["metric"] == catalog.tasks[key].metric == "accuracy"
 
 
 def test_pseudo_tasks_recover_clusters(encoder):

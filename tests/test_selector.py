@@ -5,11 +5,13 @@ import torch
 
 from routing.decision import RouteRequest
 from routing.routers import make_router
-from routing.selector_model import SelectorModel, label_text
-from training.adapter import TrainSpec
+from routing.selector_model import SelectorModel, label_text, selector_template
+import json
+
+from training.adapter import TrainSpec, train_adapters
 from training.catalog_build import build_catalog
 from training.demo_corpus import demo_records
-from training.selector import SELECTION_FILE, train_selector, update_selector
+from training.selector import SELECTION_CONFIG, SELECTION_FILE, UPDATE_FILE, train_selector, update_selector
 from training.records import load_records
 
 KEYS = ("fin/ticker", "legal/motion", "med/lab")
@@ -24,9 +26,12 @@ def _pick(split, keys=KEYS):
 @pytest.fixture(scope="module")
 def selector_catalog(tmp_path_factory, tiny_base):
     work = tmp_path_factory.mktemp("selector")
-    routing_only = build_catalog(_pick("val"), work / "routing")
-    catalog, report = train_selector(routing_only, _pick("train"), work / "with-selector", tiny_base, per_task=40,
-                                     train=FAST, progress=False)
+    # Adapters barely trained: the selector tests need them present, not good.
+    train_adapters(tiny_base, _pick("train", (*KEYS, NEW)), work / "adapters", train=TrainSpec(max_steps=2),
+                   progress=False)
+    served = build_catalog(_pick("val"), work / "served", adapters=work / "adapters", base_model=("tiny-test", tiny_base))
+    catalog, report = train_selector(served, _pick("train"), work / "with-selector", tiny_base, per_task=40,
+                                     embed="base-embeddings", metric="l2", train=FAST, progress=False)
     return catalog, report, work
 
 
@@ -71,9 +76,22 @@ def test_label_scoring_matches_full_sequence_likelihood(selector_catalog):
 
 def test_update_add_and_delete(selector_catalog, tiny_base):
     catalog, _, work = selector_catalog
-    added = update_selector(catalog, "add", work / "added", tiny_base, ratio=0.5,
-                            new_records=_pick("train", (NEW,)), per_task=40, train=FAST, progress=False)
+    with pytest.raises(ValueError, match="add needs the new tasks' adapters .*--routing-only"):
+        update_selector(catalog, "add", work / "x", tiny_base, ratio=0.5, new_records=_pick("train", (NEW,)))
+    with pytest.raises(ValueError, match="no adapter for 1 new task"):
+        update_selector(catalog, "add", work / "x", tiny_base, ratio=0.5, new_records=_pick("train", (NEW,)),
+                        adapters=work / "nowhere")
+    added = update_selector(catalog, "add", work / "added", tiny_base, ratio=0.5, adapters=work / "adapters",
+                            new_records=_pick("train", (NEW,)), train=FAST, progress=False)
     assert added.keys == sorted((*KEYS, NEW)) and added.parent == catalog.version
+    # The new task is served: its adapter is in the new version, and it kept its old tasks' adapters.
+    assert all((added.adapter_path(k) / "adapter_model.safetensors").is_file() for k in added.keys)
+    assert added.tasks[NEW].lora["r"] == 8 and added.tasks[NEW].metric == "accuracy"
+    # Selected as the selector's own data was: base-model embeddings, L2, 40 per task, recorded again.
+    recorded = json.loads((catalog.router_path("selector") / SELECTION_CONFIG).read_text())
+    assert recorded == {"embed": "base-embeddings", "metric": "l2", "per_task": 40, "text_mode": "input",
+                        "prompt": "ours", "max_length": FAST.max_length}
+    assert json.loads((added.router_path("selector") / SELECTION_CONFIG).read_text()) == recorded
     selection = load_records(added.router_path("selector") / SELECTION_FILE)
     old_counts = {k: sum(r.key == k for r in selection) for k in KEYS}
     assert all(8 <= n <= 22 for n in old_counts.values()), old_counts   # about half of the old 40 retained
@@ -93,5 +111,38 @@ def test_update_add_and_delete(selector_catalog, tiny_base):
         update_selector(deleted, "add", work / "x", tiny_base, ratio=2)
 
 
+def test_balance_reduces_easy_tasks_and_augments_the_others(selector_catalog, tiny_base):
+    """§3.4, judged on validation: the selector's per-task accuracy decides which tasks are easy."""
+    catalog, _, work = selector_catalog
+    old = load_records(catalog.router_path("selector") / SELECTION_FILE)
+    balanced = update_selector(catalog, "balance", work / "balanced", tiny_base, ratio=0.25,
+                               new_records=_pick("train"), validation=_pick("val"), train=FAST, progress=False)
+    update = json.loads((balanced.router_path("selector") / UPDATE_FILE).read_text())
+    assert set(update["validation_accuracy"]) == set(KEYS) and update["op"] == "balance"
+    assert update["easy"] == sorted(k for k, acc in update["validation_accuracy"].items() if acc >= 0.95)
+    selection = load_records(balanced.router_path("selector") / SELECTION_FILE)
+    for key in KEYS:
+        before, after = (sum(r.key == key for r in rows) for rows in (old, selection))
+        if key in update["easy"]:
+            assert after == round(0.25 * before), (key, before, after)      # reduced
+        else:
+            assert after > before, (key, before, after)                    # all kept, and augmented
+    with pytest.raises(ValueError, match="--val"):
+        update_selector(catalog, "balance", work / "x", tiny_base, ratio=0.5, new_records=_pick("train"))
+    with pytest.raises(ValueError, match="--adapters and --routing-only belong to add"):
+        update_selector(catalog, "balance", work / "x", tiny_base, ratio=0.5, new_records=_pick("train"),
+                        validation=_pick("val"), routing_only=True)
+
+
 def test_label_text():
     assert label_text("fin/sa") == "domain: fin, task: sa"
+    assert label_text("fin/sa", "paper") == "Domain:fin\nTask:sa"
+
+
+def test_paper_prompt_carries_the_instruction_and_the_domain_and_task_lists():
+    template = selector_template("paper", ["fin/sa", "fin/ha", "med/qa"])
+    assert template.startswith("Determine which of the following datapoint is\nin which domain, what is the task.")
+    assert "input:{text}\nSelect from below list:\nDomains:fin, med\nTasks:sa, ha, qa\nResults:\n" in template
+    assert selector_template("ours", ["fin/sa"]) == "### Which task is this request for?\n{text}\n### Task:\n"
+    with pytest.raises(ValueError, match="unknown selector prompt"):
+        selector_template("mine", ["fin/sa"])

@@ -59,7 +59,7 @@ class LoraSpec:
     variant: Variant = "lora"
     r: int = 8
     alpha: int = 16
-    dropout: float = 0.0
+    dropout: float = 0.05      # the AS paper's Table 1 (r=8, alpha=16, dropout 0.05)
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
 
     def __post_init__(self) -> None:

@@ -318,7 +318,8 @@ def _train_selector(cfg, records: list[Record], base: Path, lora: LoraSpec, trai
     catalog = Catalog.load(cfg.catalog)
     if cfg.task:
         records = [r for rows in select_tasks(records, cfg.task).values() for r in rows]
-    new, report = train_selector(catalog, records, cfg.output, base, per_task=cfg.per_task, text_mode=cfg.text_mode,
+    new, report = train_selector(catalog, records, cfg.output, base, per_task=cfg.per_task, embed=cfg.embed,
+                                 metric=cfg.metric, prompt=cfg.prompt, text_mode=cfg.text_mode,
                                  lora=lora, train=train, seed=cfg.train.seed, progress=cfg.progress)
     return {"kind": "selector", "mode": "single", "workers": 1, "base_model": cfg.base_model,
             "catalog": str(new.root), "version": new.version, "parent": catalog.version, "selection": report}

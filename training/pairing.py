@@ -1,12 +1,15 @@
 """`switchboard pair`: give every catalog task the best adapter out of a larger pool.
 
 Each task runs Successive Halving (routing.pairing) over the pool, scoring candidates by the task's
-metric on greedy answers to its validation samples. All survivors of a round are evaluated in one
-mixed multi-adapter batch through the fused LoRA layers; tasks run in parallel as Ray tasks.
+metric (`routing.metrics`) on greedy answers to its validation samples. Short-answer metrics stop an
+answer at its first newline; ROUGE / BLEU see whole answers, up to a length set by the task's own
+references. All survivors of a round are evaluated in one mixed multi-adapter batch through the fused
+LoRA layers; tasks run in parallel as Ray tasks.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -15,14 +18,24 @@ import numpy as np
 from routing.base_models import load_causal_lm, locate_base_model
 from routing.catalog import Catalog, CatalogError, TaskEntry, check_new_catalog_dir, derive_catalog
 from routing.lora import FusedLoraModel, generate, read_adapter_config
-from routing.metrics import score as metric_score
+from routing.metrics import get_metric
 from routing.pairing import HalvingConfig, HalvingResult, successive_halving
 from routing.templates import render
 
 from .catalog_build import lora_summary
 from .records import Record, group_by_task
 
-MAX_NEW_TOKENS = 24
+SHORT_ANSWER_TOKENS = 24     # labels, option letters, short spans: read off the first line
+MAX_ANSWER_TOKENS = 512      # the cap for long (ROUGE / BLEU) answers
+
+
+def answer_tokens(tokenizer, references: list[str], short: bool) -> int:
+    """How many new tokens a candidate may generate: enough for the longest reference, with a quarter
+    to spare, so a long-answer metric is not scored on answers cut short."""
+    if short:
+        return SHORT_ANSWER_TOKENS
+    longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
+    return min(MAX_ANSWER_TOKENS, max(SHORT_ANSWER_TOKENS, math.ceil(1.25 * longest) + 8))
 
 
 def adapter_pool(pool: str | Path, base_id: str) -> dict[str, Path]:
@@ -58,33 +71,26 @@ def pair_task(base_dir: Path, pool: dict[str, Path], records: list[Record], temp
     for name, path in pool.items():
         fused.load_adapter(name, path)
     prompts = [render(template, r.text(text_mode)) for r in records]
+    scorer = get_metric(metric)
+    max_new_tokens = answer_tokens(tokenizer, [r.output for r in records], scorer.short)
 
     def score(candidates: list[str], sample: list[int]) -> dict[str, float]:
         rows = [(c, i) for c in candidates for i in sample]
         answers = generate(fused, tokenizer, [prompts[i] for _, i in rows], [[(c, 1.0)] for c, _ in rows],
-                           max_new_tokens=MAX_NEW_TOKENS, stop=[["\n"]] * len(rows))
+                           max_new_tokens=max_new_tokens, stop=[["\n"] if scorer.short else []] * len(rows))
         per = {c: [] for c in candidates}
         for (c, i), a in zip(rows, answers):
-            per[c].append(metric_score(metric, a.text, records[i].output))
+            per[c].append(scorer.fn(a.text, records[i].output))
         return {c: float(np.mean(v)) for c, v in per.items()}
 
     return successive_halving(list(pool), len(records), score, config)
 
 
-def pair_catalog(catalog: Catalog, pool_dir: str | Path, records: list[Record], out: str | Path, *,
-                 config: HalvingConfig = HalvingConfig(), parallel: bool = True) -> tuple[Catalog, dict]:
-    """A new catalog version whose task adapters are each task's Successive-Halving winner."""
-    check_new_catalog_dir(out)
-    if catalog.base_model is None:
-        raise CatalogError(f"catalog {catalog.root} is routing-only: pairing needs one with a base model")
-    base_dir = locate_base_model(catalog.base_model["id"])
-    pool = adapter_pool(pool_dir, catalog.base_model["id"])
-    groups = group_by_task(records)
-    missing = sorted(set(catalog.tasks) - set(groups))
-    if missing:
-        raise CatalogError(f"no validation records for task(s) {missing}")
-    jobs = {k: (base_dir, pool, groups[k], catalog.tasks[k].template, catalog.tasks[k].metric,
-                catalog.encoder["text_mode"], config) for k in catalog.keys}
+def pair_tasks(base_dir: Path, pool: dict[str, Path], groups: dict[str, list[Record]], tasks: dict[str, TaskEntry],
+               text_mode: str, config: HalvingConfig, parallel: bool = True) -> dict[str, HalvingResult]:
+    """Successive Halving for every task in `tasks` on its validation records `groups[task]`, in
+    parallel as Ray tasks (one CPU each) unless `parallel` is off; progress and ties on stderr."""
+    jobs = {k: (base_dir, pool, groups[k], t.template, t.metric, text_mode, config) for k, t in tasks.items()}
     if parallel:
         import ray
 
@@ -97,10 +103,50 @@ def pair_catalog(catalog: Catalog, pool_dir: str | Path, records: list[Record], 
         results = {k: pair_task(*args) for k, args in jobs.items()}
     for k, res in results.items():
         print(f"  {k}: {res.winner} ({res.evaluations} evaluations over {len(res.rounds)} rounds)", file=sys.stderr)
+        if res.tied:
+            print(f"  warning: {k}: candidates tied on {tasks[k].metric!r} at a cut; {res.winner} won by "
+                  f"pool order, not by score (more samples, or another metric?)", file=sys.stderr)
+    return results
+
+
+def check_ties(results: dict[str, HalvingResult], strict: bool) -> list[str]:
+    """The tasks whose pairing was decided by pool order; with `strict`, an error naming them."""
+    tied = sorted(k for k, r in results.items() if r.tied)
+    if strict and tied:
+        raise IndistinguishableError(
+            f"candidates could not be told apart for task(s) {tied} (tied scores at a cut: "
+            + "; ".join(f"{k}: {results[k].rounds[-1]['scores']}" for k in tied) + "); no catalog written")
+    return tied
+
+
+class IndistinguishableError(CatalogError):
+    """`strict` pairing found tasks whose candidates tied at a cut: no catalog is written."""
+
+
+def pair_catalog(catalog: Catalog, pool_dir: str | Path, records: list[Record], out: str | Path, *,
+                 config: HalvingConfig = HalvingConfig(), parallel: bool = True,
+                 strict: bool = False) -> tuple[Catalog, dict]:
+    """A new catalog version whose task adapters are each task's Successive-Halving winner.
+
+    A task whose candidates tied at a cut is warned about on stderr and listed in the report's
+    `tied`; with `strict` it is an error instead, raised before any catalog is written."""
+    check_new_catalog_dir(out)
+    if catalog.base_model is None:
+        raise CatalogError(f"catalog {catalog.root} is routing-only: pairing needs one with a base model")
+    base_dir = locate_base_model(catalog.base_model["id"])
+    pool = adapter_pool(pool_dir, catalog.base_model["id"])
+    groups = group_by_task(records)
+    missing = sorted(set(catalog.tasks) - set(groups))
+    if missing:
+        raise CatalogError(f"no validation records for task(s) {missing}")
+    results = pair_tasks(base_dir, pool, groups, catalog.tasks, catalog.encoder["text_mode"], config, parallel)
+    tied = check_ties(results, strict)
     tasks = {k: TaskEntry(**{**t.__dict__, "lora": lora_summary(pool[results[k].winner])})
              for k, t in catalog.tasks.items()}
     paired = derive_catalog(catalog, out, tasks=tasks, adapter_dirs={k: pool[r.winner] for k, r in results.items()})
     uniform = {k: len(pool) * len(groups[k]) for k in results}
     report = {"catalog": str(paired.root), "version": paired.version, "pool": sorted(pool),
-              "tasks": {k: {**r.to_dict(), "uniform_evaluations": uniform[k]} for k, r in results.items()}}
+              "config": config.__dict__, "tied": tied,
+              "tasks": {k: {**r.to_dict(), "metric": catalog.tasks[k].metric, "uniform_evaluations": uniform[k]}
+                        for k, r in results.items()}}
     return paired, report

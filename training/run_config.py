@@ -145,6 +145,10 @@ class RunConfig(_Placement):
     output: str = Field(description="adapters: <output>/<domain>/<task>; selector: the new catalog directory")
     catalog: str | None = Field(None, description="selector only: the catalog the selector routes over")
     per_task: int = Field(100, ge=1, description="selector only: K-means representatives per task")
+    embed: Literal["encoder", "base-embeddings"] = Field(
+        "encoder", description="selector only: what K-means clusters (base-embeddings: the AS paper's way)")
+    metric: Literal["l2", "ip", "cos"] = Field("cos", description="selector only: the K-means distance")
+    prompt: Literal["ours", "paper"] = Field("ours", description="selector only: its prompt (paper: AS App. A)")
     progress: bool = True
 
     @field_validator("output", "catalog")

@@ -2,12 +2,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..decision import RouteDecision, RouteRequest, softmax
+from ..calibration import CALIBRATION_KEY
+from ..decision import DEFAULT_TEMPERATURE, RouteDecision, RouteRequest, softmax
 from .base import Router
 
 
 class CentroidRouter(Router):
-    """LoRAuter: cosine of the query to each task centroid, top-K, softmax with temperature τ."""
+    """LoRAuter: cosine of the query to each task centroid, top-K, softmax with temperature τ.
+
+    On a calibrated catalog (`routing.calibration`) the softmax temperature is T_cal · τ / τ0, so the
+    default τ = τ0 weighs by calibrated probabilities; on an uncalibrated one it is τ itself (the paper).
+    """
 
     name = "centroid"
     needs_embedding = True
@@ -22,9 +27,10 @@ class CentroidRouter(Router):
         queries = np.stack([r.embedding for r in requests])
         k = max(r.top_k for r in requests)
         exclude = [position.get(r.exclude) for r in requests] if any(r.exclude for r in requests) else None
+        t_cal = self.catalog.calibration.get(CALIBRATION_KEY)
         out = []
         for r, (s, i) in zip(requests, index.search(queries, k, exclude)):
             s, i = s[: r.top_k], i[: r.top_k]
-            weights = softmax(s, r.temperature)
+            weights = softmax(s, r.temperature if t_cal is None else t_cal * r.temperature / DEFAULT_TEMPERATURE)
             out.append(self._decision([(index.keys[t], w) for t, w in zip(i, weights)], list(s)))
         return out
