@@ -25,7 +25,9 @@ from .placement import replica_placement
 log = logging.getLogger("ray.serve")
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256)
+# Above max_num_seqs + max_queued_requests: requests reach the engine, whose bounded queue answers
+# RESOURCE_EXHAUSTED, instead of waiting in Serve's unbounded one.
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=512)
 class Generator:
     """Base model + the catalog's adapters in fused multi-LoRA layers, run by a continuous-batching engine,
     on the replica's GPU in bf16 when Ray assigned one (`device`/`dtype` args), else the CPU in fp32.

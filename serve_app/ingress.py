@@ -118,7 +118,7 @@ def _decision_pb(d: RouteDecision) -> pb.RouteDecision:
                             router=d.router, catalog_version=d.catalog_version)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=1024)
 @serve.ingress(http)
 class Ingress(ServingState, OpenAIRoutes):
     """gRPC (the methods named as in the .proto, the standard health service from `ServingState`) and
