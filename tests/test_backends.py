@@ -22,7 +22,7 @@ import torch
 from routing.lora import FusedLoraModel, SlotGroupedBackend, TorchReferenceBackend, get_backend
 from routing.lora.backend import CpuLoraBackend
 from routing.lora.triton_backend import TritonBackend, interpreting
-from test_fused_lora import CASES, make_adapter, make_base, make_tokenizer, tokens
+from test_fused_lora import CASES, case_adapters, make_base, make_tokenizer, tokens
 
 CUDA = torch.cuda.is_available()
 needs_interpreter = pytest.mark.skipif(not interpreting(), reason="Triton is compiling for CUDA in this process "
@@ -127,10 +127,7 @@ def peft_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("backend-adapters")
     tok = make_tokenizer()
     base = make_base(len(tok))
-    peft_models, paths = {}, {}
-    for i, (name, cfg) in enumerate(CASES.items()):
-        paths[name] = root / name
-        peft_models[name] = make_adapter(base, paths[name], seed=100 + i, **cfg)
+    peft_models, paths = case_adapters(base, root)
     return dict(tok=tok, base=base, peft=peft_models, paths=paths)
 
 

@@ -102,16 +102,22 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def case_adapters(base, root) -> tuple[dict, dict]:
+    """Every CASES adapter saved under `root`: (peft models, paths), by case name."""
+    peft_models, paths = {}, {}
+    for i, (name, cfg) in enumerate(CASES.items()):
+        paths[name] = root / name
+        peft_models[name] = make_adapter(base, paths[name], seed=100 + i, **cfg)
+    return peft_models, paths
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Tokenizer, base model, every CASES adapter + PiSSA saved, their peft models, a fused model."""
     root = tmp_path_factory.mktemp("adapters")
     tok = make_tokenizer()
     base = make_base(len(tok))
-    peft_models, paths = {}, {}
-    for i, (name, cfg) in enumerate(CASES.items()):
-        paths[name] = root / name
-        peft_models[name] = make_adapter(base, paths[name], seed=100 + i, **cfg)
+    peft_models, paths = case_adapters(base, root)
     peft_models["pissa"] = make_pissa_adapter(base, root, seed=7)
     paths["pissa"] = root / "pissa"
     fused = FusedLoraModel(copy.deepcopy(base), max_loras=len(paths), max_rank=8)
