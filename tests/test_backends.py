@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from routing.lora import FusedLoraModel, SlotGroupedBackend, TorchReferenceBackend, get_backend
-from routing.lora.backend import CpuLoraBackend
+from routing.lora.backend import CpuLoraBackend, DenseSlotsBackend
 from routing.lora.triton_backend import TritonBackend, interpreting
 from test_fused_lora import CASES, case_adapters, make_base, make_tokenizer, tokens
 
@@ -84,6 +84,21 @@ def check(backend, case: dict, atol: float, rtol: float) -> None:
 @pytest.mark.parametrize("shape", SHAPES)
 def test_grouped_matches_reference(shape):
     check(SlotGroupedBackend(), make_case(shape), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dense_matches_reference(shape):
+    check(DenseSlotsBackend(), make_case(shape), atol=1e-5, rtol=1e-5)
+
+
+def test_dense_sees_slot_changes():
+    """The dense backend keeps the B stack's (L*R, out) layout between calls: a slot written in place
+    afterwards must be seen, not served from the kept layout."""
+    backend = DenseSlotsBackend()
+    case = make_case("decode_k1")
+    check(backend, case, atol=1e-5, rtol=1e-5)
+    case["b_stack"].mul_(3.0)
+    check(backend, case, atol=1e-5, rtol=1e-5)
 
 
 @needs_interpreter
@@ -163,6 +178,10 @@ def test_grouped_peft_exactness(peft_world):
     peft_exactness(peft_world, SlotGroupedBackend())
 
 
+def test_dense_peft_exactness(peft_world):
+    peft_exactness(peft_world, DenseSlotsBackend())
+
+
 @needs_interpreter
 def test_triton_interpreted_peft_exactness(peft_world):
     """Three cases that between them cover alpha/r scaling, rank and alpha patterns, and per-layer
@@ -177,9 +196,11 @@ def test_get_backend_on_cpu_is_the_measured_rule():
     assert isinstance(backend, CpuLoraBackend)
     case = make_case("prefill_k3")
     check(backend, case, atol=1e-5, rtol=1e-5)
-    pick = lambda rows, k, r, d, tokens=1, reused=False: type(backend.choose(  # noqa: E731
-        torch.zeros(rows, k, dtype=torch.long), r, d[0], d[1], tokens, reused=reused)).__name__
+    pick = lambda rows, k, r, d, tokens=1, reused=False, slots=64: type(backend.choose(  # noqa: E731
+        torch.zeros(rows, k, dtype=torch.long), slots, r, d[0], d[1], tokens, reused=reused)).__name__
     smol_gate = (576, 1536)
+    assert pick(64, 3, 8, smol_gate, slots=16) == "DenseSlotsBackend"   # 128 columns, 19 M MACs: dense
+    assert pick(320, 3, 8, smol_gate, slots=16) == "SlotGroupedBackend"  # 94 M MACs: past dense's bound
     assert pick(16, 1, 8, smol_gate) == "TorchReferenceBackend"      # 1.0 MiB: the gather is faster
     assert pick(16, 3, 8, smol_gate) == "SlotGroupedBackend"         # 3.1 MiB, new routing each step
     assert pick(16, 3, 8, smol_gate, reused=True) == "TorchReferenceBackend"  # a static batch keeps it

@@ -122,20 +122,13 @@ class Engine:
         return events
 
     def _run(self, plan) -> list[tuple[Sequence, int]]:
-        """The step's forward passes (one for prefill chunks, one for decode rows) and their samples."""
-        prefill, decode = rows_for(plan.prefills, plan.decodes)
-        out: list[tuple[Sequence, int]] = []
-        if prefill:
-            wanted = [c.last for c in plan.prefills]
-            logits = self.runner.forward(prefill, wanted)
-            for chunk in plan.prefills:
-                self.scheduler.advance(chunk)
-            done = [c.seq for c in plan.prefills if c.last]
-            out += zip(done, self._sample(logits, done))
-        if decode:
-            logits = self.runner.forward(decode, [True] * len(decode))
-            out += zip(plan.decodes, self._sample(logits, plan.decodes))
-        return out
+        """The step's one forward pass (prefill chunks and decode rows packed together) and its samples."""
+        wanted = [c.last for c in plan.prefills] + [True] * len(plan.decodes)
+        logits = self.runner.forward(rows_for(plan.prefills, plan.decodes), wanted)
+        for chunk in plan.prefills:
+            self.scheduler.advance(chunk)
+        sampled = [c.seq for c in plan.prefills if c.last] + plan.decodes
+        return list(zip(sampled, self._sample(logits, sampled)))
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         return sample(logits, [s.sampling for s in seqs], [self._generators[s.request_id] for s in seqs])

@@ -28,18 +28,36 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 @dataclass(frozen=True)
 class Row:
-    """One batch row of a forward pass: `tokens` fed at positions `start`, `start + 1`, ..."""
+    """One sequence's tokens in a forward pass: `tokens` fed at positions `start`, `start + 1`, ..."""
 
     seq: Sequence
     tokens: list[int]
     start: int
 
 
-def rows_for(prefills: Seq[PrefillChunk], decodes: Seq[Sequence]) -> tuple[list[Row], list[Row]]:
-    """The prefill rows (one per chunk) and the decode rows (each sequence's newest token)."""
-    pre = [Row(c.seq, c.seq.prompt[c.start:c.start + c.length], c.start) for c in prefills]
-    dec = [Row(s, [s.output[-1]], s.computed) for s in decodes]
-    return pre, dec
+def rows_for(prefills: Seq[PrefillChunk], decodes: Seq[Sequence]) -> list[Row]:
+    """A step's rows: one per prefill chunk, then each decoding sequence's newest token."""
+    return ([Row(c.seq, c.seq.prompt[c.start:c.start + c.length], c.start) for c in prefills]
+            + [Row(s, [s.output[-1]], s.computed) for s in decodes])
+
+
+@dataclass(frozen=True)
+class _AttentionGroup:
+    """Rows whose queries are attended together, laid out (b, t) with t = the group's longest row.
+
+    `tokens` (b, t): each query's index in the packed pass (0 on padding); `valid` (b, t); `gather`
+    (b, S): the cache slots of each row's keys; `mask` (b, 1, t, S): causal, within the row's own
+    length. One step has at most two groups: decoding rows (t = 1, no padding) and prefill chunks.
+    """
+
+    tokens: torch.Tensor
+    valid: torch.Tensor
+    gather: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def dest(self) -> torch.Tensor:
+        return self.tokens[self.valid]
 
 
 class ModelRunner:
@@ -82,55 +100,70 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, rows: list[Row], logits_for: list[bool]) -> torch.Tensor:
-        """Run `rows` (right-padded to the longest), writing their keys and values into the cache.
+        """Run every row's tokens as one packed pass, writing their keys and values into the cache.
 
+        The projections, MLPs and LoRA deltas see the step's N tokens as N rows of one token each,
+        every token routed as its sequence (so prefill chunks and decoding rows share one forward
+        and one routing state, vLLM's packed layout); only attention regroups them per sequence.
         Returns float32 logits (n, vocab) of the last token of each row with `logits_for` set, in
         row order. Rows attend to their own cached positions 0..start+t only.
         """
-        b, t = len(rows), max(len(r.tokens) for r in rows)
-        lengths = [r.start + len(r.tokens) for r in rows]          # cache length of each row after this pass
-        span = max(lengths)
-        ids = torch.zeros((b, t), dtype=torch.long)
-        valid = torch.zeros((b, t), dtype=torch.bool)
-        for i, r in enumerate(rows):
-            ids[i, :len(r.tokens)] = torch.tensor(r.tokens)
-            valid[i, :len(r.tokens)] = True
-        starts = torch.tensor([r.start for r in rows])
-        pos = starts[:, None] + torch.arange(t)                       # (B, T)
-        slots = [self._slots(r.seq) for r in rows]
-        gather = pad_sequence([s[:n] for s, n in zip(slots, lengths)], batch_first=True)   # (B, S) cache slots
-        write = torch.cat([s[r.start:n] for s, r, n in zip(slots, rows, lengths)])       # new tokens' slots
-        key_pos = torch.arange(span)
-        mask = (key_pos[None, None, :] <= pos[:, :, None]) & (key_pos[None, None, :] < torch.tensor(lengths)[:, None, None])
-        mask[~valid] = key_pos[None, :] == 0   # padding queries look at one key: no empty softmax (their output is dropped)
+        counts = [len(r.tokens) for r in rows]
+        offsets = [0]
+        for c in counts:
+            offsets.append(offsets[-1] + c)
         dev = self.device
-        ids, pos, valid, gather, mask = ids.to(dev), pos.to(dev), valid.to(dev), gather.to(dev), mask[:, None].to(dev)
-        write = write.to(dev)
+        ids = torch.tensor([t for r in rows for t in r.tokens], dtype=torch.long)[:, None]          # (N, 1)
+        pos = torch.cat([torch.arange(r.start, r.start + c) for r, c in zip(rows, counts)])[:, None]  # (N, 1)
+        slots = [self._slots(r.seq) for r in rows]
+        write = torch.cat([s[r.start:r.start + c] for s, r, c in zip(slots, rows, counts)]).to(dev)  # (N,)
+        decoding = [i for i, c in enumerate(counts) if c == 1]
+        chunks = [i for i, c in enumerate(counts) if c > 1]
+        groups = [self._group([rows[i] for i in part], [offsets[i] for i in part], [slots[i] for i in part])
+                  for part in (decoding, chunks) if part]
 
-        self.fused.set_routing([list(r.seq.routes) for r in rows])
-        h = self.body.embed_tokens(ids)                                             # (B, T, D)
-        cos, sin = self.body.rotary_emb(h, pos)
+        self.fused.set_routing([list(r.seq.routes) for r in rows], repeats=counts)
+        h = self.body.embed_tokens(ids.to(dev))                                         # (N, 1, D)
+        cos, sin = self.body.rotary_emb(h, pos.to(dev))
         for li, layer in enumerate(self.body.layers):
-            h = h + self._attention(li, layer.self_attn, layer.input_layernorm(h), cos, sin, valid, write, gather, mask)
+            h = h + self._attention(li, layer.self_attn, layer.input_layernorm(h), cos, sin, write, groups)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        last = torch.tensor([len(r.tokens) - 1 for r, want in zip(rows, logits_for) if want], dtype=torch.long,
+        last = torch.tensor([offsets[i + 1] - 1 for i, want in enumerate(logits_for) if want], dtype=torch.long,
                             device=dev)
-        which = torch.tensor([i for i, want in enumerate(logits_for) if want], dtype=torch.long, device=dev)
-        hidden = self.body.norm(h[which, last])                                     # (n, D)
-        return self.lm_head(hidden).float()                                         # (n, V)
+        return self.lm_head(self.body.norm(h[last, 0])).float()                        # (n, V)
 
-    def _attention(self, li: int, attn, x: torch.Tensor, cos, sin, valid, write, gather, mask) -> torch.Tensor:
-        b, t, _ = x.shape
-        q = attn.q_proj(x).view(b, t, -1, self.head_dim)                            # (B, T, H, hd)
-        k = attn.k_proj(x).view(b, t, -1, self.head_dim)                            # (B, T, Hkv, hd)
-        v = attn.v_proj(x).view(b, t, -1, self.head_dim)
-        if hasattr(attn, "q_norm"):                                                 # Qwen3
+    def _group(self, rows: list[Row], offsets: list[int], slots: list[torch.Tensor]) -> _AttentionGroup:
+        t = max(len(r.tokens) for r in rows)
+        lengths = torch.tensor([r.start + len(r.tokens) for r in rows])                 # cache length after the pass
+        starts = torch.tensor([r.start for r in rows])
+        steps = torch.arange(t)
+        valid = steps[None, :] < torch.tensor([len(r.tokens) for r in rows])[:, None]   # (b, t)
+        tokens = torch.where(valid, torch.tensor(offsets)[:, None] + steps, 0)
+        gather = pad_sequence([s[:n] for s, n in zip(slots, lengths.tolist())], batch_first=True)   # (b, S)
+        key_pos = torch.arange(gather.shape[1])
+        pos = starts[:, None] + steps                                                   # (b, t)
+        mask = (key_pos[None, None, :] <= pos[:, :, None]) & (key_pos[None, None, :] < lengths[:, None, None])
+        mask[~valid] = key_pos[None, :] == 0   # padding queries look at one key: no empty softmax (dropped)
+        dev = self.device
+        return _AttentionGroup(tokens.to(dev), valid.to(dev), gather.to(dev), mask[:, None].to(dev))
+
+    def _attention(self, li: int, attn, x: torch.Tensor, cos, sin, write: torch.Tensor,
+                   groups: list[_AttentionGroup]) -> torch.Tensor:
+        n = x.shape[0]
+        q = attn.q_proj(x).view(n, 1, -1, self.head_dim)                               # (N, 1, H, hd)
+        k = attn.k_proj(x).view(n, 1, -1, self.head_dim)                               # (N, 1, Hkv, hd)
+        v = attn.v_proj(x).view(n, 1, -1, self.head_dim)
+        if hasattr(attn, "q_norm"):                                                     # Qwen3
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)            # (B, H|Hkv, T, hd)
-        self.k_cache[li].index_copy_(0, write, k.transpose(1, 2)[valid])
-        self.v_cache[li].index_copy_(0, write, v[valid])
-        keys = self.k_cache[li][gather].transpose(1, 2)                             # (B, Hkv, S, hd)
-        values = self.v_cache[li][gather].transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
-                                             enable_gqa=q.shape[1] != keys.shape[1])  # (B, H, T, hd)
-        return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)               # (N, H|Hkv, 1, hd)
+        q = q[:, :, 0]                                                                  # (N, H, hd)
+        self.k_cache[li].index_copy_(0, write, k[:, :, 0])
+        self.v_cache[li].index_copy_(0, write, v[:, 0])
+        out = torch.empty_like(q)
+        for g in groups:
+            keys = self.k_cache[li][g.gather].transpose(1, 2)                          # (b, Hkv, S, hd)
+            values = self.v_cache[li][g.gather].transpose(1, 2)
+            o = F.scaled_dot_product_attention(q[g.tokens].transpose(1, 2), keys, values, attn_mask=g.mask,
+                                               scale=self.scaling, enable_gqa=q.shape[1] != keys.shape[1])
+            out[g.dest] = o.transpose(1, 2)[g.valid]                                    # (b, H, t, hd) -> (n_g, H, hd)
+        return attn.o_proj(out.view(n, 1, -1))

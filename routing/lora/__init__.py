@@ -7,8 +7,8 @@ Halving, benchmarks; serving runs the continuous-batching engine of `routing.eng
 layers). Kernels sit behind `LoraBackend`.
 """
 
-from routing.lora.backend import (CpuLoraBackend, LoraBackend, SlotGroupedBackend, TorchReferenceBackend,
-                                  get_backend)
+from routing.lora.backend import (CpuLoraBackend, DenseSlotsBackend, LoraBackend, SlotGroupedBackend,
+                                  TorchReferenceBackend, get_backend)
 from routing.lora.generate import Generation, generate
 from routing.lora.layer import FusedLoraLinear, RoutingState
 from routing.adapter_config import AdapterLoadError, read_adapter_config
@@ -17,7 +17,7 @@ from routing.lora.store import AdapterStore, CapacityError
 
 __all__ = [
     "DEFAULT_TARGET_MODULES", "AdapterLoadError", "AdapterStore", "CapacityError", "CpuLoraBackend",
-    "FusedLoraLinear", "FusedLoraModel", "Generation", "LoadedAdapter", "LoraBackend", "RoutingState",
+    "DenseSlotsBackend", "FusedLoraLinear", "FusedLoraModel", "Generation", "LoadedAdapter", "LoraBackend", "RoutingState",
     "SlotGroupedBackend", "TorchReferenceBackend",
     "generate", "get_backend", "read_adapter_config",
 ]

@@ -4,13 +4,15 @@ Every `FusedLoraLinear` calls `backend.prepare(...)` once per routing state and 
 on every forward, and never touches a kernel itself (vLLM's punica wrapper split).
 `get_backend(device)` is the single selection point: `TritonBackend` (routing/lora/triton_backend.py,
 SGMV/BGMV-style kernels) on CUDA, `CpuLoraBackend` elsewhere, which picks per call between
-`TorchReferenceBackend` (the readable reference: gather each row's adapters, two bmm) and
-`SlotGroupedBackend` (one matmul pair per slot in use) by a rule measured in bench/lora_backends.py.
+`DenseSlotsBackend` (two matmuls over all slots), `TorchReferenceBackend` (the readable reference:
+gather each row's adapters, two bmm) and `SlotGroupedBackend` (one matmul pair per slot in use) by
+a rule measured in bench/lora_backends.py.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -138,6 +140,58 @@ class SlotGroupedBackend(LoraBackend):
         return self.apply(y, x, self.prepare(a_stack, b_stack, scale, indices, weights))
 
 
+class DenseSlotsBackend(LoraBackend):
+    """Every slot at once: two dense matmuls against all L slots, each row's coefficients as a mask.
+
+    `h = x @ A_all.T` (rows, L*R) with A_all = the (L*R, in) view of the A stack (no copy); `h` is
+    scaled by each row's coefficient per slot (0 for slots it does not use, so they add exact
+    zeros), then `y += h @ B_all` with B_all the (L*R, out) layout of the B stack. The only work
+    per routing state is an (rows, L) coefficient matrix; nothing per row is gathered and there is
+    no Python loop. It pays L*R instead of K*R rank columns per token, which on the CPU is cheaper
+    than any gather or per-slot loop while L*R stays small against the layer's width
+    (`CpuLoraBackend`'s rule); the (L*R, out) layout is built once per change of the slots'
+    contents (the B stack's in-place version counter) and kept: one more copy of the B stack.
+    """
+
+    def __init__(self) -> None:
+        # id(b_stack) -> (the stack itself, weakly; its in-place version; its (L*R, out) layout)
+        self._b_all: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+    def _b_layout(self, b_stack: torch.Tensor) -> torch.Tensor:
+        if b_stack.is_inference():   # made under inference_mode: no version counter, so never kept
+            return b_stack.permute(0, 2, 1).reshape(-1, b_stack.shape[1])
+        cached = self._b_all.get(id(b_stack))
+        if cached is None or cached[0]() is not b_stack or cached[1] != b_stack._version:
+            layout = b_stack.permute(0, 2, 1).reshape(-1, b_stack.shape[1]).contiguous()   # (L*R, out)
+            self._b_all = {k: v for k, v in self._b_all.items() if v[0]() is not None}   # forget dead stacks
+            cached = self._b_all[id(b_stack)] = (weakref.ref(b_stack), b_stack._version, layout)
+        return cached[2]
+
+    def prepare(self, a_stack, b_stack, scale, indices, weights):
+        """(A_all (L*R, in), B_all (L*R, out), coeff (rows, L, 1)) or None when no row has an adapter."""
+        valid = indices >= 0
+        if not bool(valid.any()):
+            return None
+        slots = a_stack.shape[0]
+        per_slot = torch.zeros((indices.shape[0], slots), dtype=scale.dtype, device=scale.device)
+        per_slot.scatter_add_(1, indices.clamp(min=0), torch.where(valid, weights.to(scale.dtype), 0.0))
+        coeff = (per_slot * scale).to(a_stack.dtype)[:, :, None]
+        return a_stack.reshape(-1, a_stack.shape[2]), self._b_layout(b_stack), coeff
+
+    def apply(self, y, x, prepared):
+        if prepared is None:
+            return y
+        a_all, b_all, coeff = prepared
+        rows, t, _ = x.shape
+        h = torch.matmul(x, a_all.T)                                   # (rows, T, L*R)
+        h = (h.view(rows, t, coeff.shape[1], -1) * coeff[:, None]).view(rows * t, -1)
+        y.view(rows * t, -1).addmm_(h, b_all)
+        return y
+
+    def add_lora(self, y, x, a_stack, b_stack, scale, indices, weights):
+        return self.apply(y, x, self.prepare(a_stack, b_stack, scale, indices, weights))
+
+
 @dataclass
 class _Routed:
     """One layer's routing state: its arguments, how many forwards used it, what each backend built."""
@@ -148,45 +202,58 @@ class _Routed:
 
 
 class CpuLoraBackend(LoraBackend):
-    """The CPU rule: per call, the per-row gather or one matmul per slot, whichever measured better.
+    """The CPU rule: per call, all slots densely, the per-row gather, or one matmul per slot,
+    whichever measured better.
 
-    `bench/lora_backends.py` (numbers in bench/RESULTS.md, 2 threads, tiny and SmolLM2-135M layer
+    `bench/lora_backends.py` (bench/RESULTS.md: 1 thread, 16 slots, tiny and SmolLM2-135M layer
     shapes, B in {1, 16, 64}, K in {1, 3}, R in {8, 16}, T in {1, 64, 256}) found:
-      * prefill (T >= K*R): the gather is 1.4-4.1x faster than grouping, and its copy, B*K*R*(in+out),
-        is no larger than the activations B*T*(in+out) it multiplies; it is used and freed per call;
-      * decode (T < K*R), routing new this step (the engine): gathering wins while one projection's
-        copy is <= GATHER_MAX_BYTES; above that grouping is faster (up to 4.7x at B=64, K=3, R=16)
-        and its extra memory is activations only, flat in B*K*R*(in+out);
-      * decode on a routing reused across steps (a static batch): the gather, kept, beats grouping
-        1.3-4x, so it is kept up to REUSED_GATHER_MAX_BYTES per projection (bounded memory held
-        through the batch; SmolLM2's 16 rows x K=3 x rank 8 is 3.1 MiB), grouping above.
+      * prefill (T >= K*R): the gather is fastest (dense pays all L*R columns on every token; grouping
+        loops), and its copy, B*K*R*(in+out), is no larger than the activations B*T*(in+out) it
+        multiplies; it is used and freed per call;
+      * decode on a routing reused across steps (a static batch): the gather, kept, is fastest, so it
+        is kept up to REUSED_GATHER_MAX_BYTES per projection (bounded memory held through the batch;
+        SmolLM2's 16 rows x K=3 x rank 8 is 3.1 MiB);
+      * decode on a routing new this step (the engine's packed pass, one row per token): dense, two
+        matmuls over all slots, is as fast as the gather at 1 row and up to 24x faster at 64, and
+        2-19x faster than grouping (single rows at rank 16 aside), at 16 slots of rank <= 16, while the slots' rank columns L*R <= DENSE_MAX_COLUMNS and one
+        projection's work rows*L*R*(in+out) <= DENSE_MAX_MACS (past those, measured with more slots
+        and 320 rows, grouping wins); outside dense's bounds the gather while one projection's copy
+        is <= GATHER_MAX_BYTES, grouping above (up to 4.7x faster at B=64, K=3, R=16, and its extra
+        memory is activations only, flat in B*K*R*(in+out)).
     `prepare` is only the routing itself; what each path needs is built lazily and cached in it.
     Plain torch ops, so it is also CUDA's fallback when triton is missing.
     """
 
     GATHER_MAX_BYTES = 2 * 2**20
     REUSED_GATHER_MAX_BYTES = 4 * 2**20
+    DENSE_MAX_COLUMNS = 256
+    DENSE_MAX_MACS = 2**25
 
     def __init__(self) -> None:
-        self.gather, self.grouped = TorchReferenceBackend(), SlotGroupedBackend()
+        self.gather, self.grouped, self.dense = TorchReferenceBackend(), SlotGroupedBackend(), DenseSlotsBackend()
 
-    def choose(self, indices: torch.Tensor, r: int, d_in: int, d_out: int, tokens: int,
+    def choose(self, indices: torch.Tensor, slots: int, r: int, d_in: int, d_out: int, tokens: int,
                itemsize: int = 4, reused: bool = False) -> LoraBackend:
-        """The backend for a (B, K) routing on a rank-`r`, d_in->d_out layer with `tokens` per row;
-        `reused`: this routing state already served a forward (a static batch's later steps)."""
+        """The backend for a (B, K) routing over `slots` rank-`r` slots of a d_in->d_out layer with
+        `tokens` per row; `reused`: this routing state already served a forward (a static batch)."""
         bsz, k = indices.shape
+        if k * r <= tokens:
+            return self.gather                        # prefill
         copy = bsz * k * r * (d_in + d_out) * itemsize
-        limit = self.REUSED_GATHER_MAX_BYTES if reused else self.GATHER_MAX_BYTES
-        return self.gather if k * r <= tokens or copy <= limit else self.grouped
+        if reused and copy <= self.REUSED_GATHER_MAX_BYTES:
+            return self.gather                        # kept through a static batch
+        if slots * r <= self.DENSE_MAX_COLUMNS and bsz * tokens * slots * r * (d_in + d_out) <= self.DENSE_MAX_MACS:
+            return self.dense
+        return self.gather if copy <= self.GATHER_MAX_BYTES else self.grouped
 
     def prepare(self, a_stack, b_stack, scale, indices, weights):
         return _Routed((a_stack, b_stack, scale, indices, weights))
 
     def apply(self, y, x, prepared):
         a_stack, b_stack, _, indices, _ = prepared.args
-        _, r, d_in = a_stack.shape
+        slots, r, d_in = a_stack.shape
         reused, prepared.uses = prepared.uses > 0, prepared.uses + 1
-        backend = self.choose(indices, r, d_in, b_stack.shape[1], x.shape[1], a_stack.element_size(), reused)
+        backend = self.choose(indices, slots, r, d_in, b_stack.shape[1], x.shape[1], a_stack.element_size(), reused)
         if backend is self.gather and indices.shape[1] * r <= x.shape[1]:  # prefill: gather, use, free
             return self.gather.add_lora(y, x, *prepared.args)
         if backend not in prepared.built:

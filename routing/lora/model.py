@@ -227,11 +227,15 @@ class FusedLoraModel(nn.Module):
             for layer in self.layers.values():
                 layer.release()
 
-    def set_routing(self, rows: Sequence[Sequence[tuple[str, float]]]) -> None:
+    def set_routing(self, rows: Sequence[Sequence[tuple[str, float]]], repeats: Sequence[int] | None = None) -> None:
         """Route the next forward passes' rows until the next call: the engine's per-pass form of
-        `routing`, where the rows change whenever a sequence joins or leaves the batch. Setting the
+        `routing`, where the rows change whenever a sequence joins or leaves the batch. `repeats[b]`
+        batch rows take `rows[b]`'s route (the engine's packed pass: one row per token). Setting the
         routing the layers already hold keeps their prepared state."""
         indices, weights = self._routing_tensors(rows)
+        if repeats is not None:
+            counts = torch.tensor(list(repeats), device=indices.device)
+            indices, weights = indices.repeat_interleave(counts, dim=0), weights.repeat_interleave(counts, dim=0)
         state = self.routing_state
         if (state.indices is not None and state.indices.shape == indices.shape
                 and torch.equal(state.indices, indices) and torch.equal(state.weights, weights)):
