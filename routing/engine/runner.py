@@ -47,7 +47,7 @@ class _AttentionGroup:
 
     `tokens` (b, t): each query's index in the packed pass (0 on padding); `valid` (b, t); `gather`
     (b, S): the cache slots of each row's keys; `mask` (b, 1, t, S): causal, within the row's own
-    length. One step has at most two groups: decoding rows (t = 1, no padding) and prefill chunks.
+    length. A step has one group of prefill chunks and one per span bucket of decoding rows (t = 1).
     """
 
     tokens: torch.Tensor
@@ -58,6 +58,17 @@ class _AttentionGroup:
     @property
     def dest(self) -> torch.Tensor:
         return self.tokens[self.valid]
+
+
+def _attention_parts(rows: list[Row]) -> list[list[int]]:
+    """Row indices attended together: prefill chunks in one part, decoding rows by the power of two
+    of their cache span, so a few long sequences do not make every short one gather and attend over
+    their length (a part pads its keys to its longest span)."""
+    parts: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        key = -1 if len(r.tokens) > 1 else r.start.bit_length()     # span r.start + 1 in (2^(k-1), 2^k]
+        parts.setdefault(key, []).append(i)
+    return list(parts.values())
 
 
 class ModelRunner:
@@ -117,10 +128,8 @@ class ModelRunner:
         pos = torch.cat([torch.arange(r.start, r.start + c) for r, c in zip(rows, counts)])[:, None]  # (N, 1)
         slots = [self._slots(r.seq) for r in rows]
         write = torch.cat([s[r.start:r.start + c] for s, r, c in zip(slots, rows, counts)]).to(dev)  # (N,)
-        decoding = [i for i, c in enumerate(counts) if c == 1]
-        chunks = [i for i, c in enumerate(counts) if c > 1]
         groups = [self._group([rows[i] for i in part], [offsets[i] for i in part], [slots[i] for i in part])
-                  for part in (decoding, chunks) if part]
+                  for part in _attention_parts(rows)]
 
         self.fused.set_routing([list(r.seq.routes) for r in rows], repeats=counts)
         h = self.body.embed_tokens(ids.to(dev))                                         # (N, 1, D)
