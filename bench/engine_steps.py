@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/engine_steps.py                          # tiny base, ~2 min on 2 cores
     .venv/bin/python bench/engine_steps.py --base-model smollm2 --requests 96
+    python bench/engine_steps.py --base-model smollm2 --device cuda         # a GPU (bf16 by default there)
 
 Every request is queued before the first step (the saturated limit of `bench/serving_load.py`: a
 queue that never empties), with `serving_load.py`'s workload: the demo's 9 tasks each with a random
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from serving_load import random_adapters, workload  # noqa: E402  (bench/ is this script's directory)
 
 from routing.base_models import load_causal_lm  # noqa: E402
+from routing.devices import resolve_placement  # noqa: E402
 from routing.engine import Engine, EngineConfig  # noqa: E402
 from routing.lora.model import FusedLoraModel  # noqa: E402
 from routing.lora.store import AdapterStore  # noqa: E402
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", help="auto: the GPU when there is one (routing/devices.py)")
+    ap.add_argument("--dtype", default="auto")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -96,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="engine-steps-"))
     log(f"{len(keys)} random rank-8 adapters for {base_dir.name} -> {work}")
     random_adapters(base_dir, keys, work)
-    model, tokenizer = load_causal_lm(base_dir)
+    where = resolve_placement(args.device, args.dtype, gpu_assigned=torch.cuda.is_available(), who="engine_steps")
+    model, tokenizer = load_causal_lm(base_dir, dtype=where.dtype, device=where.device)
     fused = FusedLoraModel(model, max_loras=len(keys), max_rank=8)
     store = AdapterStore(fused, {k: adapter_dir(work, k) for k in keys})
     reqs = requests(tokenizer, [r.input for r in demo_records("test")], keys, args.requests, args.seed)
@@ -112,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{r['rows_per_step']:.1f} rows/step")
     median = {m: {k: round(statistics.median(r[k] for r in rs), 2) for k in rs[0]} for m, rs in results.items()}
     report = {"base_model": args.base_model, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+              "device": str(where.device), "dtype": str(where.dtype).removeprefix("torch."),
               "threads": args.threads, "requests": args.requests, "max_num_seqs": args.max_num_seqs,
               "prompt_tokens": sum(len(p) for p, _, _ in reqs),
               "repeats": args.repeats, **median,

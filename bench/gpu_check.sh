@@ -11,7 +11,8 @@
 # it warns and goes on with what is installed. Steps, each under its own timeout:
 #   1 install   2 CUDA present (stops here, exit 2, without one, unless --tiny)   3 pytest -m gpu
 #   4 bench/fused_generation.py, bf16, random-init Llama-3.2-1B and Llama-3-8B shapes: 64 requests,
-#     16 adapters of rank 16 on all projections, 128 new tokens   5 bench/serving_load.py when present
+#     16 adapters of rank 16 on all projections, 128 new tokens   5 bench/engine_steps.py (the engine alone,
+#     continuous vs static admission at saturation)   6 bench/serving_load.py (the same through Serve and gRPC)
 # Progress goes to stderr; stdout ends with one table and one JSON line.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -94,21 +95,28 @@ step_bench() {
                                                          # fused, merged, peft), the adapters, the KV cache
 }
 
+step_engine() {
+    log "5 engine_steps"
+    PYTHONPATH=$PWD timeout 150 "$PY" bench/engine_steps.py --base-model smollm2 --repeats 2 \
+        > "$OUT/engine.txt" 2> "$OUT/engine.err" || log "5 engine_steps failed: $(tail -2 "$OUT/engine.err")"
+    tail -1 "$OUT/engine.txt" > "$OUT/engine.json"
+}
+
 step_serving() {
     if [ -f bench/serving_load.py ]; then
-        log "5 serving_load"
+        log "6 serving_load"
         PYTHONPATH=$PWD timeout 150 "$PY" bench/serving_load.py --base-model smollm2 --rates 4,16,64 --duration 10 \
             $([ "$TINY" = 1 ] || echo --num-gpus 0.5) > "$OUT/serving.txt" 2> "$OUT/serving.err" \
-            || log "5 serving_load failed: $(tail -2 "$OUT/serving.err")"
+            || log "6 serving_load failed: $(tail -2 "$OUT/serving.err")"
         tail -1 "$OUT/serving.txt" > "$OUT/serving.json"
     else
-        log "5 bench/serving_load.py not present: skipped"
+        log "6 bench/serving_load.py not present: skipped"
     fi
 }
 
 step_install
 step_cuda
-if [ -z "$STOPPED" ]; then step_tests; step_bench; step_serving; fi
+if [ -z "$STOPPED" ]; then step_tests; step_bench; step_engine; step_serving; fi
 
 STOPPED="$STOPPED" SECONDS_TOTAL=$SECONDS "$PY" - "$OUT" <<'EOF'
 import json, os, sys
@@ -141,7 +149,7 @@ print("targets: mixed_vs_bare >= 0.85, k3_vs_k1 >= 0.7, mixed_vs_peft_loop >= 10
 print(json.dumps({"env": env, "install": (out / "install").read_text().strip() if (out / "install").exists() else None,
                   "stopped": os.environ["STOPPED"] or None, "pytest_gpu": pytest_tail,
                   "pytest_rc": int((out / "pytest.rc").read_text()) if (out / "pytest.rc").exists() else None,
-                  "fused_generation": benches, "serving_load": load("serving.json"),
+                  "fused_generation": benches, "engine_steps": load("engine.json"), "serving_load": load("serving.json"),
                   "seconds": int(os.environ["SECONDS_TOTAL"]), "logs": str(out)}))
 EOF
 [ -z "$STOPPED" ] || exit 2
