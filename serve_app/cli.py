@@ -85,13 +85,14 @@ def cmd_train_adapter(a: argparse.Namespace) -> dict:
         return train_from_config(load_run_config(a.config))
     if not (a.tasks and a.out):
         raise ValueError("train adapter: give --config FILE, or --tasks and --out")
-    from training.adapter import LoraSpec, train_adapters
+    from training.adapter import LoraSpec, TrainSpec, train_adapters
     from training.records import load_records
 
     records = load_records(a.tasks, a.files)
     lora = LoraSpec(variant=a.variant, r=a.r, alpha=a.alpha)
     name, base = _base_model(a.base_model)
-    done = train_adapters(base, records, Path(a.out), lora=lora, tasks=a.task or None, text_mode=a.text)
+    done = train_adapters(base, records, Path(a.out), lora=lora, train=TrainSpec(device=a.device, dtype=a.dtype),
+                          tasks=a.task or None, text_mode=a.text)
     return {"base_model": name, "adapters": {k: str(p) for k, p in done.items()}}
 
 
@@ -331,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--variant", default="lora", choices=["lora", "rslora", "dora", "pissa"])
     c.add_argument("--r", type=int, default=8)
     c.add_argument("--alpha", type=int, default=16)
+    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: the GPU when there is one, else the CPU")
+    c.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bf16 mixed precision on GPU, fp32 on CPU")
 
     c = command("router", cmd_train_router, "train a router into a new catalog version", train)
     c.add_argument("--kind", required=True, choices=["selector", "classifier", "lexical"],

@@ -7,6 +7,8 @@ their CPU selves.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -36,6 +38,59 @@ def test_bad_names_are_refused():
         resolve_placement("tpu", gpu_assigned=False, who="Selector")
     with pytest.raises(PlacementError, match="dtype 'int8'"):
         resolve_placement("cpu", "int8", gpu_assigned=False, who="Selector")
+
+
+def test_training_placement_follows_the_serving_rule():
+    """Training resolves device and precision as serving does; half precision is the Trainer's mixed precision."""
+    from training.adapter import TrainSpec, precision_args
+
+    cpu = dict(gpu_assigned=CUDA, who="adapter fin/sa")
+    if not CUDA:
+        assert precision_args(TrainSpec(), **cpu) == {"use_cpu": True, "bf16": False, "fp16": False}
+        with pytest.raises(PlacementError, match="adapter fin/sa: device 'cuda' was asked for"):
+            precision_args(TrainSpec(device="cuda"), **cpu)
+    assert precision_args(TrainSpec(device="cpu", dtype="bfloat16"), **cpu) == {"use_cpu": True, "bf16": True,
+                                                                              "fp16": False}
+    with pytest.raises(PlacementError, match="float16 training needs a GPU"):
+        precision_args(TrainSpec(device="cpu", dtype="float16"), **cpu)
+
+
+def test_run_configs_refuse_contradictory_placements(tmp_path):
+    from training.run_config import ConfigError, load_run_config
+
+    def config(**fields):
+        path = tmp_path / "run.json"
+        path.write_text(json.dumps({"output": str(tmp_path / "out"), **fields}))
+        return load_run_config(path)
+
+    assert config(train={"dtype": "bfloat16"}).train.to_spec().dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="train.device cpu contradicts use_gpu"):
+        config(use_gpu=True, workers=1, train={"device": "cpu"})
+    with pytest.raises(ConfigError, match="under Ray Train needs use_gpu"):
+        config(workers=2, train={"device": "cuda"})
+    with pytest.raises(ConfigError, match="device"):
+        config(train={"device": "tpu"})
+
+
+def test_an_adapter_trains_in_bf16_on_the_cpu_and_keeps_its_fingerprint(tiny_base, tmp_path):
+    """Mixed precision really runs (CPU autocast), saves a float32 adapter, and where it trains does not
+    change what it trains: the fp32 run's adapter counts as up to date."""
+    from safetensors.torch import load_file
+
+    from training.adapter import TrainSpec, train_adapter
+    from training.demo_corpus import demo_records
+
+    rows = [r for r in demo_records("train") if r.key == "fin/sentiment"][:16]
+    quick = dict(max_steps=2, batch_size=4, save_steps=2, warmup_steps=0)
+    out = train_adapter(tiny_base, rows, "{text}", tmp_path / "a", train=TrainSpec(device="cpu", dtype="bfloat16",
+                                                                                      **quick), progress=False)
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["train"]["dtype"] == "bfloat16" and summary["steps"] == 2
+    weights = load_file(out / "adapter_model.safetensors")
+    assert weights and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
+    stamp = (out / "adapter_model.safetensors").stat().st_mtime_ns
+    train_adapter(tiny_base, rows, "{text}", tmp_path / "a", train=TrainSpec(**quick), progress=False)
+    assert (out / "adapter_model.safetensors").stat().st_mtime_ns == stamp
 
 
 def test_app_args_take_device_and_dtype(tmp_path):

@@ -35,6 +35,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from transformers.trainer_callback import PrinterCallback
 
 from routing.base_models import base_model_id, load_causal_lm
+from routing.devices import PlacementError, resolve_placement
 from routing.templates import render, template_for
 from training.records import Record, group_by_task
 
@@ -96,6 +97,8 @@ class TrainSpec:
     max_length: int = 128       # prompt + answer tokens; longer prompts lose their start
     save_steps: int = 50
     warmup_steps: int = 10
+    device: str = "auto"        # auto|cpu|cuda and auto|float32|bfloat16|float16 (routing/devices.py): where
+    dtype: str = "auto"         # it trains, not what: neither enters the fingerprint
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -214,8 +217,9 @@ class ProgressBar(TrainerCallback):
 # ---- checkpoints and the finished directory ------------------------------------------------------
 def _fingerprint(base_id: str, records: list[Record], template: str, text_mode: str, lora: LoraSpec,
                  train: TrainSpec, init_adapter: Path | None = None) -> str:
+    what = {k: v for k, v in asdict(train).items() if k not in ("device", "dtype")}
     h = hashlib.sha256(json.dumps({"base": base_id, "template": template, "text_mode": text_mode,
-                                   "lora": asdict(lora), "train": asdict(train)}, sort_keys=True).encode())
+                                   "lora": asdict(lora), "train": what}, sort_keys=True).encode())
     if init_adapter is not None:
         h.update((init_adapter / "adapter_model.safetensors").read_bytes())
     for r in records:
@@ -296,9 +300,21 @@ def _peft_model(base_path: Path, lora: LoraSpec, seed: int, staging: Path | None
     return peft_model, tokenizer
 
 
+def precision_args(train: TrainSpec, *, gpu_assigned: bool, who: str) -> dict[str, bool]:
+    """TrainingArguments for `train.device` / `train.dtype` by the serving rule (routing/devices.py): auto is
+    the GPU when this process has one, in bf16 (fp16 where bf16 is unsupported), else the CPU in fp32.
+    Half precision is the Trainer's mixed precision: LoRA weights and optimizer state stay fp32 and the
+    saved adapter is the same format either way. Raises `PlacementError` naming `who`."""
+    where = resolve_placement(train.device, train.dtype, gpu_assigned=gpu_assigned, who=who)
+    if not where.is_cuda and where.dtype == torch.float16:
+        raise PlacementError(f"{who}: float16 training needs a GPU (the Trainer's fp16 is CUDA-only); "
+                             "use bfloat16 or float32 on the CPU")
+    return {"use_cpu": not where.is_cuda, "bf16": where.dtype == torch.bfloat16, "fp16": where.dtype == torch.float16}
+
+
 def _trainer(peft_model, tokenizer, examples: list[dict], ckpt_dir: Path, train: TrainSpec, steps: int,
              per_device_batch: int, callbacks: list[TrainerCallback], **placement) -> "_AnswerLossTrainer":
-    """The Trainer every placement uses; `placement` adds its TrainingArguments (use_cpu, deepspeed, ...)."""
+    """The Trainer every placement uses; `placement` adds its TrainingArguments (use_cpu, bf16, deepspeed, ...)."""
     args = TrainingArguments(
         output_dir=str(ckpt_dir), per_device_train_batch_size=per_device_batch, learning_rate=train.lr,
         max_steps=steps, num_train_epochs=1, lr_scheduler_type="linear", warmup_steps=min(train.warmup_steps, steps),
@@ -368,7 +384,8 @@ def train_adapter(base_path: str | Path, records: list[Record], template: str, o
     if resume:
         _log(f"{name}: resumed from step {resume[1]}")
     trainer = _trainer(peft_model, tokenizer, examples, ckpt_dir, train, steps, train.batch_size,
-                       [ProgressBar(f"adapter {name}", progress), *callbacks], use_cpu=True)
+                       [ProgressBar(f"adapter {name}", progress), *callbacks],
+                       **precision_args(train, gpu_assigned=torch.cuda.is_available(), who=f"adapter {name}"))
     trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
     _save(trainer, peft_model, lora, out, staging, base_id, {
         "tasks": keys, "n_records": len(records), "seconds": round(time.monotonic() - started, 2),

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 from training.adapter import (
     CHECKPOINTS, LoraSpec, TrainSpec, _encode, _fingerprint, _is_done, _last_checkpoint, _peft_model, _prepare,
-    ProgressBar, _save, _trainer, train_adapter)
+    ProgressBar, _save, _trainer, precision_args, train_adapter)
 from training.records import Record, group_by_task
 
 Job = dict[str, Any]  # {"key", "records", "template", "out"}: one adapter to train
@@ -107,7 +107,8 @@ def _train_one(job: Job, base_path: Path, lora: LoraSpec, train: TrainSpec, text
         _log(f"{name}: resumed from step {resume[1]}")
     trainer = _trainer(peft_model, tokenizer, examples, ckpt_dir, train, steps, train.batch_size // world,
                        [ProgressBar(f"adapter {name} (rank 0 of {world})", progress and rank == 0), *callbacks],
-                       use_cpu=not use_gpu, deepspeed=deepspeed, ddp_find_unused_parameters=False)
+                       deepspeed=deepspeed, ddp_find_unused_parameters=False,
+                       **precision_args(train, gpu_assigned=use_gpu, who=f"adapter {name} (rank {rank})"))
     trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
     placement = _describe(trainer, world)
 

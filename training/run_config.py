@@ -25,6 +25,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from routing.devices import DeviceName, DtypeName
 from training.adapter import DEFAULT_TARGETS, VARIANTS, LoraSpec, TrainSpec, Variant
 from training.records import TextMode
 
@@ -73,11 +74,15 @@ class _Schedule(_Strict):
     max_length: int = Field(_TRAIN.max_length, ge=8, description="prompt + answer tokens")
     save_steps: int = Field(_TRAIN.save_steps, ge=1, description="checkpoint every this many steps (resume point)")
     warmup_steps: int = Field(_TRAIN.warmup_steps, ge=0)
+    device: DeviceName = Field("auto", description="auto: the GPU when the process has one (a Ray Train worker: "
+                                                   "use_gpu), else the CPU; cuda without CUDA is an error")
+    dtype: DtypeName = Field("auto", description="auto: bf16 mixed precision on GPU (fp16 where bf16 is "
+                                                 "unsupported), fp32 on CPU; LoRA weights stay fp32")
 
     def to_spec(self, lr: float) -> TrainSpec:
         return TrainSpec(lr=lr, epochs=self.epochs, max_steps=self.max_steps, batch_size=self.batch_size,
                          seed=self.seed, max_length=self.max_length, save_steps=self.save_steps,
-                         warmup_steps=self.warmup_steps)
+                         warmup_steps=self.warmup_steps, device=self.device, dtype=self.dtype)
 
 
 class TrainConfig(_Schedule):
@@ -125,11 +130,16 @@ class _Placement(_Strict):
             return max(1, self.workers)
         return self.workers if self.workers >= 2 else 0
 
-    def _check_placement(self, batch_size: int) -> None:
+    def _check_placement(self, train: "_Schedule") -> None:
         n = max(1, self.train_workers())
-        if batch_size % n:
-            raise ValueError(f"train.batch_size {batch_size} must be divisible by workers={n} "
+        if train.batch_size % n:
+            raise ValueError(f"train.batch_size {train.batch_size} must be divisible by workers={n} "
                              f"(each worker takes batch_size / workers rows per step)")
+        if train.device == "cpu" and self.use_gpu:
+            raise ValueError("train.device cpu contradicts use_gpu: true")
+        if train.device == "cuda" and self.train_workers() and not self.use_gpu:
+            raise ValueError("train.device cuda under Ray Train needs use_gpu: true (a worker sees only the GPUs "
+                             "Ray gives it)")
 
 
 class RunConfig(_Placement):
@@ -163,7 +173,7 @@ class RunConfig(_Placement):
 
     @model_validator(mode="after")
     def _cross(self) -> "RunConfig":
-        self._check_placement(self.train.batch_size)
+        self._check_placement(self.train)
         if self.kind == "selector":
             if self.catalog is None:
                 raise ValueError("catalog: required when kind is 'selector'")
@@ -239,7 +249,7 @@ class SweepConfig(_Placement):
 
     @model_validator(mode="after")
     def _cross(self) -> "SweepConfig":
-        self._check_placement(self.train.batch_size)
+        self._check_placement(self.train)
         return self
 
     @property
