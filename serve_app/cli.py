@@ -232,12 +232,37 @@ def cmd_canary(a: argparse.Namespace) -> dict:
     from .canary import commands
     from .canary.state import RolloutStore
 
+    if a.endpoint:
+        return _canary_over_admin(a)
     store = RolloutStore(a.state or commands.default_state_path())
     if a.verb == "start":
         return commands.start(store, a.catalog, a.policy, a.stable)
     if a.verb == "status":
         return commands.status(store)
     return commands.command(store, a.verb)
+
+
+def _canary_over_admin(a: argparse.Namespace) -> dict:
+    """The same verb on a running app, through its Admin gRPC service (the token from $SWITCHBOARD_ADMIN_TOKEN)."""
+    import grpc
+
+    from .admin import TOKEN_ENV, AdminClient
+
+    token = os.environ.get(TOKEN_ENV)
+    if not token:
+        raise ValueError(f"--endpoint needs the app's admin token in ${TOKEN_ENV}")
+    if a.verb == "start" and (a.stable or a.state):
+        raise ValueError("--stable and --state are the state file's: with --endpoint the app knows what it serves")
+    if a.verb != "start" and a.state:
+        raise ValueError("--state and --endpoint: one or the other")
+    with AdminClient(a.endpoint, token) as admin:
+        try:
+            if a.verb == "start":
+                return admin.start(str(Path(a.catalog).resolve()) if Path(a.catalog).exists() else a.catalog,
+                                   Path(a.policy).read_text(encoding="utf-8"))
+            return admin.status() if a.verb == "status" else admin.command(a.verb)
+        except grpc.RpcError as e:
+            raise ValueError(f"{a.endpoint}: {e.code().name}: {e.details()}") from None
 
 
 def cmd_data_select(a: argparse.Namespace) -> dict:
@@ -439,15 +464,20 @@ def build_parser() -> argparse.ArgumentParser:
     can = sub.add_parser("canary", help="roll out a candidate catalog step by step, judged on live traffic")
     verbs = can.add_subparsers(dest="verb", required=True)
     state = dict(help="the rollout's state file (default: $SWITCHBOARD_HOME/canary/switchboard.json, the app's)")
+    endpoint = dict(help="HOST:PORT of a running app's gRPC port: act through its Admin service instead of the "
+                         "state file (the token in $SWITCHBOARD_ADMIN_TOKEN)")
     c = command("start", cmd_canary, "start a rollout of --catalog under --policy (serve_app/canary/policy.py)", verbs)
     c.add_argument("--catalog", required=True, help="the candidate catalog (verified; same base model and encoder)")
     c.add_argument("--policy", required=True, help="canary policy YAML")
     c.add_argument("--stable", help="the catalog the app serves (default: what the last rollout left serving)")
     c.add_argument("--state", **state)
+    c.add_argument("--endpoint", **endpoint)
     for verb, what in (("status", "where the rollout is, and the numbers of its last decision"),
                        ("promote", "move to the next step now"), ("rollback", "send all traffic back to stable"),
                        ("abort", "stop the rollout; stable serves all traffic")):
-        command(verb, cmd_canary, what, verbs).add_argument("--state", **state)
+        c = command(verb, cmd_canary, what, verbs)
+        c.add_argument("--state", **state)
+        c.add_argument("--endpoint", **endpoint)
 
     ev = sub.add_parser("eval", help="evaluate routing").add_subparsers(dest="what", required=True)
     c = command("routing", cmd_eval_routing, "routing accuracy of a router on labelled records", ev)
