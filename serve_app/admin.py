@@ -119,7 +119,8 @@ class AdminClient:
 
     def _call(self, method, request) -> dict[str, Any]:
         reply = method(request, metadata=self.metadata, timeout=self.timeout_s)
-        return json_format.MessageToDict(reply, preserving_proto_field_name=True)
+        return json_format.MessageToDict(reply, preserving_proto_field_name=True,
+                                           always_print_fields_with_no_presence=True)
 
     def start(self, catalog: str, policy_yaml: str) -> dict[str, Any]:
         return self._call(self.stub.StartCanary, apb.StartCanaryRequest(catalog=catalog, policy_yaml=policy_yaml))

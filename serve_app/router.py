@@ -56,6 +56,10 @@ class RouterDeployment:
         self.versions: dict[str, Served] = {}   # the rollout's catalogs other than self.served, by directory
         self.gate = CanaryGate(app_store(cfg.canary_state))
         self.tasks: set[asyncio.Task] = set()   # the state sync loop and shadow routings in flight
+        try:   # a restarted replica resumes the rollout (step, split, shadow) before its first request
+            self._load_versions(self.gate.rollout)
+        except Exception:  # noqa: BLE001 - a candidate that no longer loads leaves stable serving
+            log.exception("canary: the rollout's candidate does not load; stable serves")
 
     async def reconfigure(self, user_config: dict) -> None:
         """Switch catalog version in place (Serve `user_config: {catalog: DIR}`): later requests route on it."""
