@@ -1,8 +1,10 @@
 """The `Admin` gRPC service (protos/switchboard/v1/admin.proto): the `switchboard canary` verbs on a running app.
 
 Served by the Ingress on Serve's gRPC port, beside Switchboard (`wire.SERVED`). Every call must carry the
-app's `admin_token` as `authorization: Bearer <token>`: none is UNAUTHENTICATED, another PERMISSION_DENIED,
-and an app without `admin_token` refuses every call PERMISSION_DENIED, saying so. The verbs themselves are
+app's `admin_token` (or, when the args have none, $SWITCHBOARD_ADMIN_TOKEN of the replica's process: on
+KubeRay, a Secret in the pod's env rather than the token in the RayService) as `authorization: Bearer
+<token>`: none is UNAUTHENTICATED, another PERMISSION_DENIED, and an app with neither refuses every call
+PERMISSION_DENIED, saying so. The verbs themselves are
 `serve_app.canary.commands`, the same functions the CLI runs on a state file; `AdminClient` is the CLI's
 `--endpoint` side.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -75,7 +78,7 @@ class AdminService:
 
     async def _admin(self, request: Any, grpc_context, verb: Callable[[], dict[str, Any]]) -> apb.CanaryStatus:
         refused = (grpc.StatusCode.INVALID_ARGUMENT, request.explain()) if isinstance(request, UndecodableRequest) \
-            else refusal(grpc_context.invocation_metadata(), self.cfg.admin_token)
+            else refusal(grpc_context.invocation_metadata(), self.cfg.admin_token or os.environ.get(TOKEN_ENV))
         if refused is None:
             try:
                 return status_pb(await asyncio.to_thread(verb))

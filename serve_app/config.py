@@ -53,7 +53,8 @@ class AppArgs(BaseModel):
                                      "and the `switchboard canary` verbs; default $SWITCHBOARD_HOME/canary/"
                                      "switchboard.json (on KubeRay: a path on a volume every pod mounts).")
     admin_token: str | None = Field(None, min_length=16, description="What Admin gRPC callers must send as "
-                                    "`authorization: Bearer <token>`; unset: the Admin service refuses every call.")
+                                    "`authorization: Bearer <token>`; unset: $SWITCHBOARD_ADMIN_TOKEN of the replica's "
+                                    "process (e.g. from a Kubernetes Secret), else the Admin service refuses every call.")
 
     @field_validator("catalog")
     @classmethod
