@@ -22,6 +22,7 @@ from .config import AppArgs, catalog_switch
 from .contract import (Answer, BadRequestError, CatalogChangedError, Delta, GenerationJob, NoAdapterError,
                        OverloadedError, PromptTooLongError)
 from .engine_loop import EngineLoop
+from .metrics import SERVE_METRICS
 from .placement import replica_placement
 
 log = logging.getLogger("ray.serve")
@@ -59,6 +60,7 @@ class Generator:
         self.pinned: set[str] = set()   # the versions of the last rollout seen: kept while no request uses them
         self.canary = app_store(cfg.canary_state)
         self.loading = asyncio.Lock()
+        self.reporting: asyncio.Task | None = None   # adapter residency and loads, as metrics (every few seconds)
         self.store = AdapterStore(fused, _adapter_paths(catalog))
         engine = Engine(fused, self.tokenizer, self.store,
                         EngineConfig(max_num_seqs=cfg.max_num_seqs, kv_cache_tokens=cfg.kv_cache_tokens,
@@ -162,6 +164,8 @@ class Generator:
         """The answer as it is made: `Delta`s of new text, then the `Answer`. A client that goes away
         (cancellation, or closing the stream) frees its sequence's slot at the engine's next step."""
         started = time.perf_counter()
+        if self.reporting is None:
+            self.reporting = asyncio.get_running_loop().create_task(self._report_adapters())
         await self._rollout_version(job.decision.catalog_version)
         request = await asyncio.to_thread(self._request, job)
         events = self.loop.submit(job.request_id, **request)
@@ -187,6 +191,26 @@ class Generator:
         finally:
             if not ended:
                 self.loop.abort(job.request_id)
+
+    async def _report_adapters(self, every_s: float = 5.0) -> None:
+        """Resident adapters per catalog version, and loads and evictions since the last report."""
+        seen = (0, 0)
+
+        def snapshot() -> tuple[dict[str, int], int, int]:
+            resident: dict[str, int] = {v: 0 for v in self.catalogs}
+            for key in self.store.resident:
+                version = key.split(":", 1)[0]
+                resident[version] = resident.get(version, 0) + 1
+            return resident, self.store.loads, self.store.evictions
+
+        while True:
+            try:
+                resident, loads, evictions = await self.loop.call(snapshot)
+                SERVE_METRICS.adapters(resident, loads - seen[0], evictions - seen[1])
+                seen = (loads, evictions)
+            except Exception:  # noqa: BLE001 - metrics must never stop serving
+                log.exception("generator: adapter metrics failed")
+            await asyncio.sleep(every_s)
 
     async def generate(self, job: GenerationJob) -> Answer:
         async for item in self.stream(job):

@@ -46,6 +46,24 @@ class ServeMetrics:
         return metrics.Counter("switchboard_canary_shadow", "Shadow routings by the candidate, by whether its "
                                "top-1 task agreed with stable's.", tag_keys=("catalog_version", "agreed"))
 
+    @cached_property
+    def resident(self) -> metrics.Gauge:
+        return metrics.Gauge("switchboard_adapters_resident", "Adapters resident in a Generator replica, by catalog "
+                             "version.", tag_keys=("catalog_version",))
+
+    @cached_property
+    def adapter_loads(self) -> metrics.Counter:
+        return metrics.Counter("switchboard_adapter_loads", "Adapters loaded into a Generator replica's slots "
+                               "(evict: dropped to make room or with their version).", tag_keys=("event",))
+
+    def adapters(self, resident: dict[str, int], loads: int, evictions: int) -> None:
+        for version, n in resident.items():
+            self.resident.set(n, {"catalog_version": version})
+        if loads:
+            self.adapter_loads.inc(loads, {"event": "load"})
+        if evictions:
+            self.adapter_loads.inc(evictions, {"event": "evict"})
+
     def request(self, method: str, version: str, side: str, adapter: str, code: str, latency_ms: float) -> None:
         self.requests.inc(1, {"method": method, "catalog_version": version, "side": side, "adapter": adapter,
                               "code": code})

@@ -55,7 +55,8 @@ class RouterDeployment:
         self.served = self._serve(Catalog.load(cfg.catalog))
         self.versions: dict[str, Served] = {}   # the rollout's catalogs other than self.served, by directory
         self.gate = CanaryGate(app_store(cfg.canary_state))
-        self.tasks: set[asyncio.Task] = set()   # the state sync loop and shadow routings in flight
+        self.tasks: set[asyncio.Task] = set()   # shadow routings in flight
+        self.syncing: asyncio.Task | None = None
         try:   # a restarted replica resumes the rollout (step, split, shadow) before its first request
             self._load_versions(self.gate.rollout)
         except Exception:  # noqa: BLE001 - a candidate that no longer loads leaves stable serving
@@ -76,6 +77,11 @@ class RouterDeployment:
                 router.to(self.device)
         selector = self.selector is not None and "selector" in catalog.routers
         return Served(catalog, routers, sorted([*routers, *(["selector"] if selector else [])]))
+
+    def _ensure_sync(self) -> None:
+        """Start the sync loop on the replica's event loop (the constructor runs before there is one)."""
+        if self.syncing is None:
+            self.syncing = asyncio.get_running_loop().create_task(self._sync_forever())
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -122,8 +128,7 @@ class RouterDeployment:
                     true_task: str | None = None) -> RouteDecision:
         """Route on the version the canary assigns (stable without a rollout); the decision names it.
         `true_task` (labelled traffic) is checked here and used only to score a shadow routing."""
-        if not self.tasks:
-            self._spawn(self._sync_forever())
+        self._ensure_sync()
         side, served = self._pick(session_key)   # one version for the whole request, whatever a switch does
         if true_task is not None and true_task not in served.catalog.tasks:
             raise BadRequestError(f"route.true_task {true_task!r} is not a task of catalog {served.catalog.version}")
@@ -166,8 +171,9 @@ class RouterDeployment:
     async def route_batch(self, routers: list[Router], requests: list[RouteRequest]) -> list:
         return await asyncio.to_thread(route_grouped, routers, requests)
 
-    def info(self) -> dict:
+    async def info(self) -> dict:
         """What answers a request without a session key when no split runs: after a promotion, the candidate."""
+        self._ensure_sync()
         rollout = self.gate.rollout
         served = (self.served if rollout is None else
                   (self._side(STABLE) or self.served) if rollout.running else self._pick(None)[1])

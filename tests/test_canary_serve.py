@@ -186,3 +186,18 @@ def test_per_version_metrics_reach_the_ray_metrics_export(app):
     assert any(f'catalog_version="{app.bad.version}"' in line and 'agreed="false"' in line for line in lines)
     assert any(line.startswith("ray_switchboard_latency_ms_bucket") for line in lines)
     assert any(line.startswith("ray_switchboard_labelled_total") and 'correct="true"' in line for line in lines)
+    assert any(line.startswith("ray_switchboard_adapters_resident") and app.good.version in line for line in lines)
+
+
+def test_the_cli_drives_the_running_app_through_admin(app, monkeypatch, capsys):
+    from serve_app.cli import main
+
+    monkeypatch.setenv("SWITCHBOARD_ADMIN_TOKEN", TOKEN)
+    assert main(["canary", "status", "--endpoint", app.address]) == 0
+    status = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert status["status"] == "promoted" and status["candidate"]["version"] == app.good.version
+    assert main(["canary", "promote", "--endpoint", app.address]) == 2   # ended: FAILED_PRECONDITION, said plainly
+    assert "FAILED_PRECONDITION" in capsys.readouterr().err
+    monkeypatch.setenv("SWITCHBOARD_ADMIN_TOKEN", "another-token-0123456789")
+    assert main(["canary", "status", "--endpoint", app.address]) == 2
+    assert "PERMISSION_DENIED" in capsys.readouterr().err
