@@ -100,13 +100,16 @@ class RouterDeployment:
             await asyncio.sleep(self.gate.sync_s)
 
     def _load_versions(self, rollout: Rollout | None) -> None:
+        """Load the rollout's catalogs not loaded yet, and drop those of earlier rollouts (a request that is
+        routing on one keeps its own reference)."""
         if rollout is None:
             return
-        for side in (STABLE, CANDIDATE):
-            root = _dir(getattr(rollout, side)["catalog"])
-            if root != _dir(self.served.catalog.root) and root not in self.versions:
-                self.versions[root] = self._serve(Catalog.load(root))   # verified: a tampered one raises
-                log.info("canary: %s catalog %s loaded", side, self.versions[root].catalog.version)
+        named = {_dir(getattr(rollout, side)["catalog"]) for side in (STABLE, CANDIDATE)}
+        versions = {root: served for root, served in self.versions.items() if root in named}
+        for root in named - {_dir(self.served.catalog.root), *versions}:
+            versions[root] = self._serve(Catalog.load(root))   # verified: a tampered one raises
+            log.info("canary: catalog %s of rollout %s loaded", versions[root].catalog.version, rollout.rollout_id)
+        self.versions = versions
 
     def _side(self, side: str) -> Served | None:
         """What serves `side` of the rollout now; None while its catalog is not loaded (yet, or it failed)."""
