@@ -102,6 +102,16 @@ def cmd_sweep(a: argparse.Namespace) -> dict:
 
     from .launch import cluster_dashboard_url, dashboard_notice
 
+    if a.submit:
+        from training.submit import submit_sweep
+
+        address = a.address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            raise ValueError("--submit needs the cluster's dashboard address: --address http://HOST:8265 "
+                             "(or $RAY_ADDRESS)")
+        load_sweep_config(a.config)   # a bad config is refused here, not after the job starts
+        print(dashboard_notice(address if "://" in address else f"http://{address}"), file=sys.stderr)
+        return submit_sweep(a.config, address, follow=a.wait)
     config = load_sweep_config(a.config)
     with ray_session(dashboard=config.dashboard):   # the sweep's own session: it sees Ray already started
         url = cluster_dashboard_url()
@@ -378,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = command("sweep", cmd_sweep, "Ray Tune sweep over LoRA variants; best trial per task -> new catalog version")
     c.add_argument("--config", required=True, help="a sweep config, YAML or JSON (examples/sweep-smoke.yaml)")
+    c.add_argument("--submit", action="store_true", help="run it as a Ray Job on the cluster at --address (the "
+                                                         "config path as the cluster sees it)")
+    c.add_argument("--address", help="with --submit: the cluster's dashboard, e.g. http://127.0.0.1:8265 "
+                                     "(default: $RAY_ADDRESS)")
+    c.add_argument("--wait", action="store_true", help="with --submit: wait for the job to end; print its log")
 
     data = sub.add_parser("data", help="prepare training data").add_subparsers(dest="what", required=True)
     c = command("select", cmd_data_select, "K-means representative samples per task (AS data construction)", data)
