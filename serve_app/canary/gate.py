@@ -1,4 +1,4 @@
-"""`CanaryGate`: the one object a Router replica holds for canaries (see the package docstring for its use).
+"""`CanaryGate`: what a Router or Ingress replica holds for canaries (see the package docstring for its use).
 
 It answers `assign` and `shadowing` from its last view of the shared state (no file access on the
 request path), counts outcomes per version in memory, and on `tick` adds them to the shared state and
