@@ -103,6 +103,16 @@ def cmd_sweep(a: argparse.Namespace) -> dict:
 
     from .launch import cluster_dashboard_url, dashboard_notice
 
+    if a.submit:
+        from training.submit import submit_sweep
+
+        address = a.address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            raise ValueError("--submit needs the cluster's dashboard address: --address http://HOST:8265 "
+                             "(or $RAY_ADDRESS)")
+        load_sweep_config(a.config)   # a bad config is refused here, not after the job starts
+        print(dashboard_notice(address if "://" in address else f"http://{address}"), file=sys.stderr)
+        return submit_sweep(a.config, address, follow=a.wait)
     config = load_sweep_config(a.config)
     with ray_session(dashboard=config.dashboard):   # the sweep's own session: it sees Ray already started
         url = cluster_dashboard_url()
@@ -233,12 +243,37 @@ def cmd_canary(a: argparse.Namespace) -> dict:
     from .canary import commands
     from .canary.state import RolloutStore
 
+    if a.endpoint:
+        return _canary_over_admin(a)
     store = RolloutStore(a.state or commands.default_state_path())
     if a.verb == "start":
         return commands.start(store, a.catalog, a.policy, a.stable)
     if a.verb == "status":
         return commands.status(store)
     return commands.command(store, a.verb)
+
+
+def _canary_over_admin(a: argparse.Namespace) -> dict:
+    """The same verb on a running app, through its Admin gRPC service (the token from $SWITCHBOARD_ADMIN_TOKEN)."""
+    import grpc
+
+    from .admin import TOKEN_ENV, AdminClient
+
+    token = os.environ.get(TOKEN_ENV)
+    if not token:
+        raise ValueError(f"--endpoint needs the app's admin token in ${TOKEN_ENV}")
+    if a.verb == "start" and (a.stable or a.state):
+        raise ValueError("--stable and --state are the state file's: with --endpoint the app knows what it serves")
+    if a.verb != "start" and a.state:
+        raise ValueError("--state and --endpoint: one or the other")
+    with AdminClient(a.endpoint, token) as admin:
+        try:
+            if a.verb == "start":
+                return admin.start(str(Path(a.catalog).resolve()) if Path(a.catalog).exists() else a.catalog,
+                                   Path(a.policy).read_text(encoding="utf-8"))
+            return admin.status() if a.verb == "status" else admin.command(a.verb)
+        except grpc.RpcError as e:
+            raise ValueError(f"{a.endpoint}: {e.code().name}: {e.details()}") from None
 
 
 def cmd_data_select(a: argparse.Namespace) -> dict:
@@ -358,6 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = command("sweep", cmd_sweep, "Ray Tune sweep over LoRA variants; best trial per task -> new catalog version")
     c.add_argument("--config", required=True, help="a sweep config, YAML or JSON (examples/sweep-smoke.yaml)")
+    c.add_argument("--submit", action="store_true", help="run it as a Ray Job on the cluster at --address (the "
+                                                         "config path as the cluster sees it)")
+    c.add_argument("--address", help="with --submit: the cluster's dashboard, e.g. http://127.0.0.1:8265 "
+                                     "(default: $RAY_ADDRESS)")
+    c.add_argument("--wait", action="store_true", help="with --submit: wait for the job to end; print its log")
 
     data = sub.add_parser("data", help="prepare training data").add_subparsers(dest="what", required=True)
     c = command("select", cmd_data_select, "K-means representative samples per task (AS data construction)", data)
@@ -444,15 +484,20 @@ def build_parser() -> argparse.ArgumentParser:
     can = sub.add_parser("canary", help="roll out a candidate catalog step by step, judged on live traffic")
     verbs = can.add_subparsers(dest="verb", required=True)
     state = dict(help="the rollout's state file (default: $SWITCHBOARD_HOME/canary/switchboard.json, the app's)")
+    endpoint = dict(help="HOST:PORT of a running app's gRPC port: act through its Admin service instead of the "
+                         "state file (the token in $SWITCHBOARD_ADMIN_TOKEN)")
     c = command("start", cmd_canary, "start a rollout of --catalog under --policy (serve_app/canary/policy.py)", verbs)
     c.add_argument("--catalog", required=True, help="the candidate catalog (verified; same base model and encoder)")
     c.add_argument("--policy", required=True, help="canary policy YAML")
     c.add_argument("--stable", help="the catalog the app serves (default: what the last rollout left serving)")
     c.add_argument("--state", **state)
+    c.add_argument("--endpoint", **endpoint)
     for verb, what in (("status", "where the rollout is, and the numbers of its last decision"),
                        ("promote", "move to the next step now"), ("rollback", "send all traffic back to stable"),
                        ("abort", "stop the rollout; stable serves all traffic")):
-        command(verb, cmd_canary, what, verbs).add_argument("--state", **state)
+        c = command(verb, cmd_canary, what, verbs)
+        c.add_argument("--state", **state)
+        c.add_argument("--endpoint", **endpoint)
 
     ev = sub.add_parser("eval", help="evaluate routing").add_subparsers(dest="what", required=True)
     c = command("routing", cmd_eval_routing, "routing accuracy of a router on labelled records", ev)

@@ -84,7 +84,7 @@ class SwitchboardClient:
 
     def generate(self, text: str, **options) -> pb.GenerateResponse:
         """The whole answer. Options: router, task, top_k, routing_temperature, max_new_tokens, stop,
-        base_only, sampling_temperature, top_p, seed (see `generate_request`)."""
+        base_only, sampling_temperature, top_p, seed, session_key, true_task (see `generate_request`)."""
         return self._call(self.stub.Generate, generate_request(text, **options))
 
     def generate_stream(self, text: str, **options) -> Iterator[pb.GenerateChunk]:
@@ -92,10 +92,15 @@ class SwitchboardClient:
         decision, token counts and timings. Same options as `generate`."""
         return self._call(self.stub.GenerateStream, generate_request(text, **options))
 
-    def route(self, text: str, *, router: str = "", task: str = "", top_k: int = 0,
-              routing_temperature: float = 0.0) -> pb.RouteResponse:
-        route = pb.RouteOptions(router=router, task=task, top_k=top_k, temperature=routing_temperature)
+    def route(self, text: str, *, router: str = "", task: str = "", top_k: int = 0, routing_temperature: float = 0.0,
+              session_key: str = "", true_task: str = "") -> pb.RouteResponse:
+        route = pb.RouteOptions(router=router, task=task, top_k=top_k, temperature=routing_temperature,
+                                session_key=session_key, true_task=true_task)
         return self._call(self.stub.Route, pb.RouteRequest(text=text, route=route))
+
+    def feedback(self, request_id: str, true_task: str) -> pb.FeedbackResponse:
+        """The true task of an earlier reply (its `request_id`): labelled traffic for the canary and metrics."""
+        return self._call(self.stub.Feedback, pb.FeedbackRequest(request_id=request_id, true_task=true_task))
 
     def list_tasks(self) -> pb.ListTasksResponse:
         return self._call(self.stub.ListTasks, pb.ListTasksRequest())
@@ -115,9 +120,12 @@ class SwitchboardClient:
 
 def generate_request(text: str, *, router: str = "", task: str = "", top_k: int = 0, routing_temperature: float = 0.0,
                      max_new_tokens: int = 0, stop: list[str] | None = None, base_only: bool = False,
-                     sampling_temperature: float = 0.0, top_p: float = 0.0, seed: int | None = None) -> pb.GenerateRequest:
-    """A `GenerateRequest`; zeros mean the server's defaults (greedy sampling)."""
-    route = pb.RouteOptions(router=router, task=task, top_k=top_k, temperature=routing_temperature)
+                     sampling_temperature: float = 0.0, top_p: float = 0.0, seed: int | None = None,
+                     session_key: str = "", true_task: str = "") -> pb.GenerateRequest:
+    """A `GenerateRequest`; zeros mean the server's defaults (greedy sampling). `session_key`: sticky side of a
+    canary split; `true_task`: labelled traffic (see the .proto)."""
+    route = pb.RouteOptions(router=router, task=task, top_k=top_k, temperature=routing_temperature,
+                            session_key=session_key, true_task=true_task)
     sampling = pb.Sampling(temperature=sampling_temperature, top_p=top_p, seed=seed)
     return pb.GenerateRequest(text=text, route=route, max_new_tokens=max_new_tokens, stop=stop or [],
                               base_only=base_only, sampling=sampling)

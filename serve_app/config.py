@@ -49,6 +49,12 @@ class AppArgs(BaseModel):
                                "(num_gpus), else the CPU; cuda without CUDA is a start-up error.")
     dtype: DtypeName = Field("auto", description="Model precision: auto = bfloat16 on GPU (float16 where bf16 is "
                              "unsupported), float32 on CPU.")
+    canary_state: str | None = Field(None, description="The canary rollout's state file, shared by every replica "
+                                     "and the `switchboard canary` verbs; default $SWITCHBOARD_HOME/canary/"
+                                     "switchboard.json (on KubeRay: a path on a volume every pod mounts).")
+    admin_token: str | None = Field(None, min_length=16, description="What Admin gRPC callers must send as "
+                                    "`authorization: Bearer <token>`; unset: $SWITCHBOARD_ADMIN_TOKEN of the replica's "
+                                    "process (e.g. from a Kubernetes Secret), else the Admin service refuses every call.")
 
     @field_validator("catalog")
     @classmethod

@@ -16,10 +16,13 @@ from routing.engine import Engine, EngineConfig, Event, NeverFitsError, QueueFul
 from routing.lora import AdapterStore, FusedLoraModel
 from routing.templates import render
 
+from .canary.commands import app_store
+from .canary.state import CANDIDATE, STABLE
 from .config import AppArgs, catalog_switch
 from .contract import (Answer, BadRequestError, CatalogChangedError, Delta, GenerationJob, NoAdapterError,
                        OverloadedError, PromptTooLongError)
 from .engine_loop import EngineLoop
+from .metrics import SERVE_METRICS
 from .placement import replica_placement
 
 log = logging.getLogger("ray.serve")
@@ -37,6 +40,8 @@ class Generator:
 
     Adapters are keyed by catalog version and task, so a request routed on version v is answered on
     v's adapters even while a switch brings in v+1: versions stay loaded while requests use them.
+    During a canary rollout the Router routes some requests on the candidate: the first such request
+    loads the candidate catalog named in the rollout state, and both versions stay loaded (`pinned`).
     """
 
     def __init__(self, args: dict):
@@ -52,6 +57,10 @@ class Generator:
         fused = FusedLoraModel(model, max_loras=cfg.max_loras, max_rank=self.max_rank)
         self.catalogs = {catalog.version: catalog}   # every version a request may still be answered on
         self.current = catalog.version
+        self.pinned: set[str] = set()   # the versions of the last rollout seen: kept while no request uses them
+        self.canary = app_store(cfg.canary_state)
+        self.loading = asyncio.Lock()
+        self.reporting: asyncio.Task | None = None   # adapter residency and loads, as metrics (every few seconds)
         self.store = AdapterStore(fused, _adapter_paths(catalog))
         engine = Engine(fused, self.tokenizer, self.store,
                         EngineConfig(max_num_seqs=cfg.max_num_seqs, kv_cache_tokens=cfg.kv_cache_tokens,
@@ -91,11 +100,36 @@ class Generator:
         request uses, and their adapters."""
         sched = self.loop.engine.scheduler
         used = {k.split(":", 1)[0] for s in (*sched.waiting, *sched.running) for k in s.adapters}
-        self.catalogs = {v: c for v, c in self.catalogs.items() if v == self.current or v in used}
+        self.catalogs = {v: c for v, c in self.catalogs.items() if v == self.current or v in used | self.pinned}
         paths: dict[str, Path] = {}
         for c in self.catalogs.values():
             paths |= _adapter_paths(c)
         self.store.swap_catalog(paths)
+
+    async def _rollout_version(self, version: str) -> None:
+        """Load catalog `version` if the rollout state names it (stable or candidate) and it is not loaded;
+        any other unknown version is left to `_request` to refuse (UNAVAILABLE, retry)."""
+        if version in self.catalogs:
+            return
+        async with self.loading:
+            rollout = await asyncio.to_thread(self.canary.load)
+            if version in self.catalogs or rollout is None:
+                return
+            roots = {getattr(rollout, side)["version"]: getattr(rollout, side)["catalog"] for side in (STABLE, CANDIDATE)}
+            if version not in roots:
+                return
+            catalog = await asyncio.to_thread(Catalog.load, roots[version])   # verified: a tampered one raises
+            if _max_rank(catalog) > self.max_rank:
+                raise NoAdapterError(f"catalog {version} has rank-{_max_rank(catalog)} adapters; this Generator "
+                                     f"takes rank <= {self.max_rank}")
+
+            def add() -> None:
+                self.pinned = set(roots)
+                self.catalogs[version] = catalog
+                self._prune()
+
+            await self.loop.call(add)
+            log.info("generator: loaded catalog %s of rollout %s", version, rollout.rollout_id)
 
     def _request(self, job: GenerationJob) -> dict:
         """The engine request for `job`: prompt tokens on the template of the routed task and the route's
@@ -130,6 +164,9 @@ class Generator:
         """The answer as it is made: `Delta`s of new text, then the `Answer`. A client that goes away
         (cancellation, or closing the stream) frees its sequence's slot at the engine's next step."""
         started = time.perf_counter()
+        if self.reporting is None:
+            self.reporting = asyncio.get_running_loop().create_task(self._report_adapters())
+        await self._rollout_version(job.decision.catalog_version)
         request = await asyncio.to_thread(self._request, job)
         events = self.loop.submit(job.request_id, **request)
         text, first, ended = [], None, False
@@ -154,6 +191,26 @@ class Generator:
         finally:
             if not ended:
                 self.loop.abort(job.request_id)
+
+    async def _report_adapters(self, every_s: float = 5.0) -> None:
+        """Resident adapters per catalog version, and loads and evictions since the last report."""
+        seen = (0, 0)
+
+        def snapshot() -> tuple[dict[str, int], int, int]:
+            resident: dict[str, int] = {v: 0 for v in self.catalogs}
+            for key in self.store.resident:
+                version = key.split(":", 1)[0]
+                resident[version] = resident.get(version, 0) + 1
+            return resident, self.store.loads, self.store.evictions
+
+        while True:
+            try:
+                resident, loads, evictions = await self.loop.call(snapshot)
+                SERVE_METRICS.adapters(resident, loads - seen[0], evictions - seen[1])
+                seen = (loads, evictions)
+            except Exception:  # noqa: BLE001 - metrics must never stop serving
+                log.exception("generator: adapter metrics failed")
+            await asyncio.sleep(every_s)
 
     async def generate(self, job: GenerationJob) -> Answer:
         async for item in self.stream(job):

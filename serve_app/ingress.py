@@ -10,12 +10,17 @@ saying no replica can take the request now (back-pressure, replicas down) is UNA
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 import functools
+import json
 import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 import grpc
 from ray import serve
@@ -26,19 +31,33 @@ from ray.serve.handle import DeploymentHandle
 from protos.switchboard.v1 import switchboard_pb2 as pb
 from routing.decision import RouteDecision, RouteRequest, UnknownTaskError
 
+from .admin import AdminService
+from .canary.commands import app_store
+from .canary.gate import CanaryGate
 from .config import MAX_NEW_TOKENS_LIMIT, MAX_SAMPLING_TEMPERATURE, AppArgs
 from .contract import (Answer, BadRequestError, CatalogChangedError, Delta, GenerationJob, NoAdapterError,
                        OverloadedError)
 from .health import DrainingError, ServingState
+from .metrics import SERVE_METRICS
 from .openai_api import OpenAIRoutes, http
 
 log = logging.getLogger("ray.serve")
 
 
+# Codes that count as the serving version's failure (the rest are the client's, or back-pressure).
+SERVER_ERRORS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN,
+                           grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DEADLINE_EXCEEDED,
+                           grpc.StatusCode.DATA_LOSS})
+
+
+class UnknownRequestError(LookupError):
+    """Feedback about a request id this server did not issue (NOT_FOUND)."""
+
+
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     if isinstance(exc, RayTaskError) and exc.cause is not None:
         exc = exc.cause
-    if isinstance(exc, UnknownTaskError):
+    if isinstance(exc, (UnknownTaskError, UnknownRequestError)):
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, (CatalogChangedError, DrainingError)):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
@@ -118,20 +137,84 @@ def _decision_pb(d: RouteDecision) -> pb.RouteDecision:
                             router=d.router, catalog_version=d.catalog_version)
 
 
+MAX_SESSION_KEY = 256
+
+
+def issue_request_id(decision: RouteDecision, rollout: tuple[str, int] | None) -> str:
+    """A reply's request id: a nonce, and what a later Feedback needs (version, top-1 task, the rollout step it
+    was counted under), so that any Ingress replica can credit it without a shared table."""
+    facts = [decision.catalog_version, decision.top, *(rollout or ("", -1))]
+    return f"{uuid.uuid4().hex[:16]}.{base64.urlsafe_b64encode(json.dumps(facts).encode()).decode()}"
+
+
+def read_request_id(request_id: str) -> tuple[str, str, tuple[str, int] | None]:
+    """(catalog version, top-1 task, rollout step or None) of an id `issue_request_id` made; LookupError else."""
+    try:
+        version, top, rollout_id, step = json.loads(base64.urlsafe_b64decode(request_id.split(".", 1)[1]))
+        return str(version), str(top), (str(rollout_id), int(step)) if rollout_id else None
+    except (IndexError, ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise LookupError(f"request_id {request_id[:80]!r} was not issued by this server") from None
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=1024)
 @serve.ingress(http)
-class Ingress(ServingState, OpenAIRoutes):
-    """gRPC (the methods named as in the .proto, the standard health service from `ServingState`) and
-    OpenAI-compatible HTTP (`OpenAIRoutes`) in one deployment."""
+class Ingress(ServingState, AdminService, OpenAIRoutes):
+    """gRPC (the methods named as in the .proto, the standard health service from `ServingState`, the
+    token-checked `Admin` service from `AdminService`) and OpenAI-compatible HTTP (`OpenAIRoutes`) in one
+    deployment. It counts every request's outcome for the catalog version that answered it: into the
+    canary's shared state (`CanaryGate`, synced about once a second) and into Serve metrics."""
 
     def __init__(self, args: dict, router: DeploymentHandle, generator: DeploymentHandle):
         self.cfg = AppArgs(**args)
         self.router = router
         self.generator = generator
+        self.canary = app_store(self.cfg.canary_state)
+        self.gate = CanaryGate(self.canary)
+        self.syncing: asyncio.Task | None = None
+
+    async def _sync_forever(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.gate.tick)
+            except Exception:  # noqa: BLE001 - counting must never stop serving
+                log.exception("canary: sync of the Ingress's counts failed")
+            await asyncio.sleep(self.gate.sync_s)
+
+    def _rollout_step(self) -> tuple[str, int] | None:
+        r = self.gate.rollout
+        return (r.rollout_id, r.step) if r is not None and r.running else None
+
+    @contextmanager
+    def outcome(self, method: str, decision: RouteDecision, true_task: str, started: float) -> Iterator[str]:
+        """Count the request (answered or failed, and how long it took) for the version that routed it; yields
+        its request id. Only a server error counts against the version; a client's mistake does not."""
+        side = self.gate.side_of(decision.catalog_version)
+        code = grpc.StatusCode.OK
+        try:
+            yield issue_request_id(decision, self._rollout_step())
+        except (asyncio.CancelledError, GeneratorExit):   # the client went away (a stream closed, a deadline)
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            code = (_status_for(exc) or (grpc.StatusCode.INTERNAL, ""))[0]
+            raise
+        finally:
+            latency_ms = 1000 * (time.perf_counter() - started)
+            ok = code not in SERVER_ERRORS
+            correct = decision.top == true_task if true_task and ok else None
+            if side is not None:
+                self.gate.record(side, ok=ok, latency_ms=latency_ms, correct=correct)
+            SERVE_METRICS.request(method, decision.catalog_version, side or "none", decision.top, code.name, latency_ms)
+            if correct is not None:
+                SERVE_METRICS.label(decision.catalog_version, side or "none", correct)
 
     async def _route(self, text: str, opts: pb.RouteOptions) -> tuple[RouteDecision, float]:
+        if self.syncing is None:
+            self.syncing = asyncio.get_running_loop().create_task(self._sync_forever())
         if opts.top_k < 0 or opts.temperature < 0:
             raise BadRequestError("top_k and temperature must not be negative")
+        if len(opts.session_key) > MAX_SESSION_KEY:
+            raise BadRequestError(f"route.session_key is longer than {MAX_SESSION_KEY} characters")
         if opts.top_k > self.cfg.max_loras:
             raise BadRequestError(f"top_k {opts.top_k}: this server fuses at most {self.cfg.max_loras} adapters")
         try:
@@ -146,8 +229,11 @@ class Ingress(ServingState, OpenAIRoutes):
             raise BadRequestError(f"route.task is for the fixed router; router {name!r} picks the task from the text "
                              f"(leave route.router empty or set it to 'fixed')")
         started = time.perf_counter()
-        decision = await self.router.route.remote(request, name)
-        return decision, 1000 * (time.perf_counter() - started)
+        decision = await self.router.route.remote(request, name, opts.session_key or None, opts.true_task or None)
+        route_ms = 1000 * (time.perf_counter() - started)
+        SERVE_METRICS.route(decision.catalog_version, self.gate.side_of(decision.catalog_version) or "none",
+                            decision.router, route_ms)
+        return decision, route_ms
 
     async def _job(self, request: pb.GenerateRequest) -> tuple[GenerationJob, RouteDecision, float]:
         if not 0 <= request.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
@@ -167,24 +253,29 @@ class Ingress(ServingState, OpenAIRoutes):
 
     @grpc_errors(pb.GenerateResponse)
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
+        arrived = time.perf_counter()
         job, decision, route_ms = await self._job(request)
-        started = time.perf_counter()
-        out: Answer = await self.generator.generate.remote(job)
+        with self.outcome("Generate", decision, request.route.true_task, arrived) as request_id:
+            started = time.perf_counter()
+            out: Answer = await self.generator.generate.remote(job)
         return pb.GenerateResponse(text=out.text, decision=_decision_pb(decision), new_tokens=out.new_tokens,
                                    finish_reason=out.finish_reason, route_ms=route_ms,
                                    generate_ms=1000 * (time.perf_counter() - started),
-                                   prompt_tokens=out.prompt_tokens, ttft_ms=out.ttft_ms)
+                                   prompt_tokens=out.prompt_tokens, ttft_ms=out.ttft_ms, request_id=request_id)
 
     @grpc_stream_errors
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateChunk]:
+        arrived = time.perf_counter()
         job, decision, route_ms = await self._job(request)
-        async for item in self.stream(job):
-            if isinstance(item, Delta):
-                yield pb.GenerateChunk(text=item.text)
-            else:
-                yield pb.GenerateChunk(finish_reason=item.finish_reason, decision=_decision_pb(decision),
-                                       prompt_tokens=item.prompt_tokens, new_tokens=item.new_tokens,
-                                       route_ms=route_ms, ttft_ms=item.ttft_ms, total_ms=item.total_ms)
+        with self.outcome("GenerateStream", decision, request.route.true_task, arrived) as request_id:
+            async for item in self.stream(job):
+                if isinstance(item, Delta):
+                    yield pb.GenerateChunk(text=item.text)
+                else:
+                    yield pb.GenerateChunk(finish_reason=item.finish_reason, decision=_decision_pb(decision),
+                                           prompt_tokens=item.prompt_tokens, new_tokens=item.new_tokens,
+                                           route_ms=route_ms, ttft_ms=item.ttft_ms, total_ms=item.total_ms,
+                                           request_id=request_id)
 
     def stream(self, job: GenerationJob) -> AsyncIterator[Delta | Answer]:
         """The Generator's stream of `job` (its `Delta`s, then the `Answer`)."""
@@ -192,8 +283,27 @@ class Ingress(ServingState, OpenAIRoutes):
 
     @grpc_errors(pb.RouteResponse)
     async def Route(self, request: pb.RouteRequest, grpc_context) -> pb.RouteResponse:
+        arrived = time.perf_counter()
         decision, route_ms = await self._route(request.text, request.route)
-        return pb.RouteResponse(decision=_decision_pb(decision), route_ms=route_ms)
+        with self.outcome("Route", decision, request.route.true_task, arrived) as request_id:
+            return pb.RouteResponse(decision=_decision_pb(decision), route_ms=route_ms, request_id=request_id)
+
+    @grpc_errors(pb.FeedbackResponse)
+    async def Feedback(self, request: pb.FeedbackRequest, grpc_context) -> pb.FeedbackResponse:
+        """Labelled traffic after the fact: credits the accuracy of the version that answered `request_id`
+        (in the canary counts only while the rollout is at the step it was answered in)."""
+        if not request.true_task:
+            raise BadRequestError("true_task is required (a task key 'domain/task')")
+        try:
+            version, top, counted_in = read_request_id(request.request_id)
+        except LookupError as e:
+            raise UnknownRequestError(str(e)) from None
+        correct = top == request.true_task
+        side = self.gate.side_of(version)
+        if side is not None and counted_in is not None and counted_in == self._rollout_step():
+            self.gate.label(side, correct)
+        SERVE_METRICS.label(version, side or "none", correct)
+        return pb.FeedbackResponse(correct=correct, catalog_version=version)
 
     @grpc_errors(pb.ListTasksResponse)
     async def ListTasks(self, request: pb.ListTasksRequest, grpc_context) -> pb.ListTasksResponse:

@@ -12,8 +12,9 @@ request, and the Ingress answers it `INVALID_ARGUMENT` with a plain message (`he
 No Serve internals are patched: this is the registration hook Serve documents, with our deserializer.
 
 It also registers the standard `grpc.health.v1.Health` service (answered by the Ingress, so a probe
-checks the whole path: proxy, Ingress, Router). Serve's proxy serves reflection for every registered
-service itself (`grpc_options.enable_reflection`, on by default).
+checks the whole path: proxy, Ingress, Router) and the token-checked `Admin` service (`serve_app/admin.py`).
+Serve's proxy serves reflection for every registered service itself (`grpc_options.enable_reflection`,
+on by default).
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from google.protobuf.descriptor import FileDescriptor, MethodDescriptor
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
-from protos.switchboard.v1 import switchboard_pb2
+from protos.switchboard.v1 import admin_pb2, switchboard_pb2
 
 SERVED: tuple[tuple[FileDescriptor, str], ...] = (
     (switchboard_pb2.DESCRIPTOR, "Switchboard"),
     (health_pb2.DESCRIPTOR, "Health"),
+    (admin_pb2.DESCRIPTOR, "Admin"),
 )
 
 
@@ -83,6 +85,6 @@ def add_service(descriptor: FileDescriptor, service: str, servicer: Any, server:
 
 
 def add_services_to_server(servicer: Any, server: Any) -> None:
-    """Serve's servicer function: Switchboard and grpc.health.v1.Health (Serve routes both to the Ingress)."""
+    """Serve's servicer function: Switchboard, grpc.health.v1.Health and Admin (Serve routes all to the Ingress)."""
     for descriptor, service in SERVED:
         add_service(descriptor, service, servicer, server)

@@ -59,16 +59,43 @@ def evaluate_saved(base_path: Path, adapter: Path, records: list[Record], templa
                     max_length)
 
 
+class TrialMetrics:
+    """A trial's reports as Ray metrics (`ray_switchboard_trial_*` on each node's metrics port, so Prometheus and
+    the dashboard's Metrics view follow a sweep while it runs). Labels: the task key and the trial tag, both
+    bounded by the sweep's grid."""
+
+    NAMES = ("eval_loss", "score", "step")
+
+    def __init__(self, task: str, trial: str):
+        self.tags = {"task": task, "trial": trial}
+
+    def report(self, values: dict[str, Any]) -> None:
+        """Made in the process that reports (the callback is pickled to Ray Train workers; gauges are not)."""
+        from ray.util import metrics
+
+        for name in self.NAMES:
+            if isinstance(values.get(name), (int, float)):
+                if name not in _GAUGES:
+                    _GAUGES[name] = metrics.Gauge(f"switchboard_trial_{name}", f"The trial's last reported {name}.",
+                                                  tag_keys=tuple(self.tags))
+                _GAUGES[name].set(float(values[name]), self.tags)
+
+
+_GAUGES: dict[str, Any] = {}   # one per metric name and process
+
+
 class ReportEvery(TrainerCallback):
     """Every `every` optimizer steps (not at the last: the final report follows from the saved adapter),
     evaluate on rank 0 and report to Ray: `ray.tune.report` in a single-process trial,
-    `ray.train.report` on every rank of a Ray Train worker group (a collective call there)."""
+    `ray.train.report` on every rank of a Ray Train worker group (a collective call there); rank 0 also sets
+    the trial's Ray metrics (`exported`)."""
 
     def __init__(self, base_path: Path, records: list[Record], template: str, text_mode: str, metric: str,
-                 max_length: int, every: int, steps: int, distributed: bool):
+                 max_length: int, every: int, steps: int, distributed: bool, exported: TrialMetrics | None = None):
         self.base_path, self.records, self.template, self.text_mode = base_path, records, template, text_mode
         self.metric, self.max_length, self.every, self.steps, self.distributed = (metric, max_length, every, steps,
                                                                                   distributed)
+        self.exported = exported
         self.tokenizer = None
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -84,6 +111,8 @@ class ReportEvery(TrainerCallback):
             metrics = evaluate(model, self.tokenizer, self.records, self.template, self.text_mode, self.metric,
                                self.max_length)
         metrics.update(step=step, final=False)
+        if self.exported is not None and state.is_world_process_zero:
+            self.exported.report(metrics)
         if self.distributed:
             import ray.train
 
@@ -137,9 +166,13 @@ def run_trial(config: dict, data: dict) -> None:
     task = data["tasks"][point["task"]]
     torch.set_num_threads(s["threads"])
     _, train, _ = trial_specs(point, data)
+    exported = TrialMetrics(point["task"], trial_tag(point))
     reporter = ReportEvery(Path(data["base_path"]), task["val"], task["template"], s["text_mode"], task["metric"],
-                           train.max_length, s["eval_every"], task["steps"], distributed=s["workers"] > 0)
-    tune.report({**train_point(point, data, [reporter]), "final": True})
+                           train.max_length, s["eval_every"], task["steps"], distributed=s["workers"] > 0,
+                           exported=exported)
+    final = train_point(point, data, [reporter])
+    exported.report(final)
+    tune.report({**final, "final": True})
 
 
 def reports_per_trial(steps: int, every: int) -> int:

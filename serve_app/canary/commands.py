@@ -15,7 +15,7 @@ from routing.catalog import Catalog
 
 from ..config import catalog_switch
 from ..contract import APP_NAME
-from .policy import load_policy
+from .policy import Policy, load_policy
 from .state import Rollout, RolloutError, RolloutStore
 
 
@@ -23,14 +23,20 @@ def default_state_path(app: str = APP_NAME) -> Path:
     return cache_root() / "canary" / f"{app}.json"
 
 
-def start(store: RolloutStore, candidate_dir: str | Path, policy_file: str | Path,
+def app_store(canary_state: str | None) -> RolloutStore:
+    """The rollout state file every replica of the app shares (`AppArgs.canary_state`, else the default)."""
+    return RolloutStore(canary_state or default_state_path())
+
+
+def start(store: RolloutStore, candidate_dir: str | Path, policy: Policy | str | Path,
           stable_dir: str | Path | None = None, now: float | None = None) -> dict[str, Any]:
     """Begin a rollout of the candidate catalog against stable (by default: the last promoted candidate).
 
-    The candidate is verified on disk (every file's hash: a changed byte or a missing adapter refuses it)
-    and must share stable's base model and encoder, as an in-place switch needs; stable keeps serving.
+    `policy`: validated, or a policy file. The candidate is verified on disk (every file's hash: a changed
+    byte or a missing adapter refuses it) and must share stable's base model and encoder, as an in-place
+    switch needs; stable keeps serving.
     """
-    policy = load_policy(policy_file)
+    policy = policy if isinstance(policy, Policy) else load_policy(policy)
 
     def begin(current: Rollout | None) -> Rollout:
         if current is not None and current.running:
@@ -61,12 +67,14 @@ def status(store: RolloutStore) -> dict[str, Any]:
     return rollout.summary()
 
 
-def command(store: RolloutStore, verb: str, now: float | None = None) -> dict[str, Any]:
-    """promote (to the next step now) | rollback | abort."""
+def command(store: RolloutStore, verb: str, now: float | None = None, rollout_id: str = "") -> dict[str, Any]:
+    """promote (to the next step now) | rollback | abort; `rollout_id`, when given, must be the current one."""
 
     def apply(current: Rollout | None) -> Rollout:
         if current is None:
             raise RolloutError(f"no rollout in {store.path}")
+        if rollout_id and rollout_id != current.rollout_id:
+            raise RolloutError(f"rollout {rollout_id} is not the current one ({current.rollout_id}); look again")
         current.command(verb, time.time() if now is None else now)
         return current
 

@@ -1,4 +1,4 @@
-"""`CanaryGate`: the one object a Router replica holds for canaries (see the package docstring for its use).
+"""`CanaryGate`: what a Router or Ingress replica holds for canaries (see the package docstring for its use).
 
 It answers `assign` and `shadowing` from its last view of the shared state (no file access on the
 request path), counts outcomes per version in memory, and on `tick` adds them to the shared state and
@@ -36,6 +36,18 @@ class CanaryGate:
     def catalog(self, version: str) -> str | None:
         """The catalog directory serving `version` ("stable" / "candidate") in the rollout, if there is one."""
         return None if self.rollout is None else getattr(self.rollout, version)["catalog"]
+
+    def side_of(self, catalog_version: str) -> str | None:
+        """"stable" / "candidate" for a catalog version of the rollout; None for any other (no rollout)."""
+        r = self.rollout
+        if r is None:
+            return None
+        return next((side for side in (STABLE, CANDIDATE) if getattr(r, side)["version"] == catalog_version), None)
+
+    def label(self, version: str, correct: bool) -> None:
+        """A true task learnt after the reply (Feedback): accuracy only, the request itself was counted."""
+        self.counts[version].labelled += 1
+        self.counts[version].correct += correct
 
     def record(self, version: str, *, ok: bool, latency_ms: float, agreed: bool | None = None,
                correct: bool | None = None) -> None:

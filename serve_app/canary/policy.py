@@ -73,8 +73,17 @@ def load_policy(path: str | Path) -> Policy:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not YAML: {e}") from None
+    return parse_policy(text, path)
+
+
+def parse_policy(text: str, path: str | Path = "policy") -> Policy:
+    """Validate a policy's YAML text (the Admin service gets the text, not a file); errors name `path`."""
+    path = Path(path)
+    try:
         data = yaml.safe_load(text)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except yaml.YAMLError as e:
         raise ValueError(f"{path}: not YAML: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a canary policy is a mapping with `steps:` (see serve_app/canary/policy.py)")

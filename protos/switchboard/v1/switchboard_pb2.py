@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'protos/switchboard/v1/switchboard.proto\x12\x0eswitchboard.v1\"P\n\x0cRouteOptions\x12\x0e\n\x06router\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\"9\n\nTaskWeight\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\x12\r\n\x05score\x18\x03 \x01(\x02\"c\n\rRouteDecision\x12)\n\x05tasks\x18\x01 \x03(\x0b\x32\x1a.switchboard.v1.TaskWeight\x12\x0e\n\x06router\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x61talog_version\x18\x03 \x01(\t\"\xb1\x01\n\x0fGenerateRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x05route\x18\x02 \x01(\x0b\x32\x1c.switchboard.v1.RouteOptions\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\tbase_only\x18\x05 \x01(\x08\x12*\n\x08sampling\x18\x06 \x01(\x0b\x32\x18.switchboard.v1.Sampling\"J\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xcb\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0b\x32\x1d.switchboard.v1.RouteDecision\x12\x12\n\nnew_tokens\x18\x03 \x01(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x10\n\x08route_ms\x18\x05 \x01(\x02\x12\x13\n\x0bgenerate_ms\x18\x06 \x01(\x02\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x05\x12\x0f\n\x07ttft_ms\x18\x08 \x01(\x02\"\xc5\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12/\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0b\x32\x1d.switchboard.v1.RouteDecision\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x12\n\nnew_tokens\x18\x05 \x01(\x05\x12\x10\n\x08route_ms\x18\x06 \x01(\x02\x12\x0f\n\x07ttft_ms\x18\x07 \x01(\x02\x12\x10\n\x08total_ms\x18\x08 \x01(\x02\"I\n\x0cRouteRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x05route\x18\x02 \x01(\x0b\x32\x1c.switchboard.v1.RouteOptions\"R\n\rRouteResponse\x12/\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x1d.switchboard.v1.RouteDecision\x12\x10\n\x08route_ms\x18\x02 \x01(\x02\"\x12\n\x10ListTasksRequest\"\x7f\n\x04Task\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x0e\n\x06metric\x18\x04 \x01(\t\x12\x13\n\x0bhas_adapter\x18\x05 \x01(\x08\x12\x14\n\x0clora_variant\x18\x06 \x01(\t\x12\x11\n\tlora_rank\x18\x07 \x01(\x05\"e\n\x11ListTasksResponse\x12#\n\x05tasks\x18\x01 \x03(\x0b\x32\x14.switchboard.v1.Task\x12\x17\n\x0f\x63\x61talog_version\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\"\x0f\n\rHealthRequest\"^\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x61talog_version\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x0f\n\x07routers\x18\x04 \x03(\t2\x91\x03\n\x0bSwitchboard\x12M\n\x08Generate\x12\x1f.switchboard.v1.GenerateRequest\x1a .switchboard.v1.GenerateResponse\x12R\n\x0eGenerateStream\x12\x1f.switchboard.v1.GenerateRequest\x1a\x1d.switchboard.v1.GenerateChunk0\x01\x12\x44\n\x05Route\x12\x1c.switchboard.v1.RouteRequest\x1a\x1d.switchboard.v1.RouteResponse\x12P\n\tListTasks\x12 .switchboard.v1.ListTasksRequest\x1a!.switchboard.v1.ListTasksResponse\x12G\n\x06Health\x12\x1d.switchboard.v1.HealthRequest\x1a\x1e.switchboard.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'protos/switchboard/v1/switchboard.proto\x12\x0eswitchboard.v1\"x\n\x0cRouteOptions\x12\x0e\n\x06router\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x13\n\x0bsession_key\x18\x05 \x01(\t\x12\x11\n\ttrue_task\x18\x06 \x01(\t\"9\n\nTaskWeight\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\x12\r\n\x05score\x18\x03 \x01(\x02\"c\n\rRouteDecision\x12)\n\x05tasks\x18\x01 \x03(\x0b\x32\x1a.switchboard.v1.TaskWeight\x12\x0e\n\x06router\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x61talog_version\x18\x03 \x01(\t\"\xb1\x01\n\x0fGenerateRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x05route\x18\x02 \x01(\x0b\x32\x1c.switchboard.v1.RouteOptions\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\tbase_only\x18\x05 \x01(\x08\x12*\n\x08sampling\x18\x06 \x01(\x0b\x32\x18.switchboard.v1.Sampling\"J\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xdf\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0b\x32\x1d.switchboard.v1.RouteDecision\x12\x12\n\nnew_tokens\x18\x03 \x01(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x10\n\x08route_ms\x18\x05 \x01(\x02\x12\x13\n\x0bgenerate_ms\x18\x06 \x01(\x02\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x05\x12\x0f\n\x07ttft_ms\x18\x08 \x01(\x02\x12\x12\n\nrequest_id\x18\t \x01(\t\"\xd9\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12/\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0b\x32\x1d.switchboard.v1.RouteDecision\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x12\n\nnew_tokens\x18\x05 \x01(\x05\x12\x10\n\x08route_ms\x18\x06 \x01(\x02\x12\x0f\n\x07ttft_ms\x18\x07 \x01(\x02\x12\x10\n\x08total_ms\x18\x08 \x01(\x02\x12\x12\n\nrequest_id\x18\t \x01(\t\"I\n\x0cRouteRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x05route\x18\x02 \x01(\x0b\x32\x1c.switchboard.v1.RouteOptions\"f\n\rRouteResponse\x12/\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x1d.switchboard.v1.RouteDecision\x12\x10\n\x08route_ms\x18\x02 \x01(\x02\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"8\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttrue_task\x18\x02 \x01(\t\"<\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x0f\n\x07\x63orrect\x18\x01 \x01(\x08\x12\x17\n\x0f\x63\x61talog_version\x18\x02 \x01(\t\"\x12\n\x10ListTasksRequest\"\x7f\n\x04Task\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x0e\n\x06metric\x18\x04 \x01(\t\x12\x13\n\x0bhas_adapter\x18\x05 \x01(\x08\x12\x14\n\x0clora_variant\x18\x06 \x01(\t\x12\x11\n\tlora_rank\x18\x07 \x01(\x05\"e\n\x11ListTasksResponse\x12#\n\x05tasks\x18\x01 \x03(\x0b\x32\x14.switchboard.v1.Task\x12\x17\n\x0f\x63\x61talog_version\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\"\x0f\n\rHealthRequest\"^\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x61talog_version\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x0f\n\x07routers\x18\x04 \x03(\t2\xe0\x03\n\x0bSwitchboard\x12M\n\x08Generate\x12\x1f.switchboard.v1.GenerateRequest\x1a .switchboard.v1.GenerateResponse\x12R\n\x0eGenerateStream\x12\x1f.switchboard.v1.GenerateRequest\x1a\x1d.switchboard.v1.GenerateChunk0\x01\x12\x44\n\x05Route\x12\x1c.switchboard.v1.RouteRequest\x1a\x1d.switchboard.v1.RouteResponse\x12P\n\tListTasks\x12 .switchboard.v1.ListTasksRequest\x1a!.switchboard.v1.ListTasksResponse\x12G\n\x06Health\x12\x1d.switchboard.v1.HealthRequest\x1a\x1e.switchboard.v1.HealthResponse\x12M\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1f.switchboard.v1.FeedbackRequest\x1a .switchboard.v1.FeedbackResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,33 +32,37 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.switchboard.v1.switc
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ROUTEOPTIONS']._serialized_start=59
-  _globals['_ROUTEOPTIONS']._serialized_end=139
-  _globals['_TASKWEIGHT']._serialized_start=141
-  _globals['_TASKWEIGHT']._serialized_end=198
-  _globals['_ROUTEDECISION']._serialized_start=200
-  _globals['_ROUTEDECISION']._serialized_end=299
-  _globals['_GENERATEREQUEST']._serialized_start=302
-  _globals['_GENERATEREQUEST']._serialized_end=479
-  _globals['_SAMPLING']._serialized_start=481
-  _globals['_SAMPLING']._serialized_end=555
-  _globals['_GENERATERESPONSE']._serialized_start=558
-  _globals['_GENERATERESPONSE']._serialized_end=761
-  _globals['_GENERATECHUNK']._serialized_start=764
-  _globals['_GENERATECHUNK']._serialized_end=961
-  _globals['_ROUTEREQUEST']._serialized_start=963
-  _globals['_ROUTEREQUEST']._serialized_end=1036
-  _globals['_ROUTERESPONSE']._serialized_start=1038
-  _globals['_ROUTERESPONSE']._serialized_end=1120
-  _globals['_LISTTASKSREQUEST']._serialized_start=1122
-  _globals['_LISTTASKSREQUEST']._serialized_end=1140
-  _globals['_TASK']._serialized_start=1142
-  _globals['_TASK']._serialized_end=1269
-  _globals['_LISTTASKSRESPONSE']._serialized_start=1271
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1372
-  _globals['_HEALTHREQUEST']._serialized_start=1374
-  _globals['_HEALTHREQUEST']._serialized_end=1389
-  _globals['_HEALTHRESPONSE']._serialized_start=1391
-  _globals['_HEALTHRESPONSE']._serialized_end=1485
-  _globals['_SWITCHBOARD']._serialized_start=1488
-  _globals['_SWITCHBOARD']._serialized_end=1889
+  _globals['_ROUTEOPTIONS']._serialized_end=179
+  _globals['_TASKWEIGHT']._serialized_start=181
+  _globals['_TASKWEIGHT']._serialized_end=238
+  _globals['_ROUTEDECISION']._serialized_start=240
+  _globals['_ROUTEDECISION']._serialized_end=339
+  _globals['_GENERATEREQUEST']._serialized_start=342
+  _globals['_GENERATEREQUEST']._serialized_end=519
+  _globals['_SAMPLING']._serialized_start=521
+  _globals['_SAMPLING']._serialized_end=595
+  _globals['_GENERATERESPONSE']._serialized_start=598
+  _globals['_GENERATERESPONSE']._serialized_end=821
+  _globals['_GENERATECHUNK']._serialized_start=824
+  _globals['_GENERATECHUNK']._serialized_end=1041
+  _globals['_ROUTEREQUEST']._serialized_start=1043
+  _globals['_ROUTEREQUEST']._serialized_end=1116
+  _globals['_ROUTERESPONSE']._serialized_start=1118
+  _globals['_ROUTERESPONSE']._serialized_end=1220
+  _globals['_FEEDBACKREQUEST']._serialized_start=1222
+  _globals['_FEEDBACKREQUEST']._serialized_end=1278
+  _globals['_FEEDBACKRESPONSE']._serialized_start=1280
+  _globals['_FEEDBACKRESPONSE']._serialized_end=1340
+  _globals['_LISTTASKSREQUEST']._serialized_start=1342
+  _globals['_LISTTASKSREQUEST']._serialized_end=1360
+  _globals['_TASK']._serialized_start=1362
+  _globals['_TASK']._serialized_end=1489
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1491
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1592
+  _globals['_HEALTHREQUEST']._serialized_start=1594
+  _globals['_HEALTHREQUEST']._serialized_end=1609
+  _globals['_HEALTHRESPONSE']._serialized_start=1611
+  _globals['_HEALTHRESPONSE']._serialized_end=1705
+  _globals['_SWITCHBOARD']._serialized_start=1708
+  _globals['_SWITCHBOARD']._serialized_end=2188
 # @@protoc_insertion_point(module_scope)

@@ -59,6 +59,11 @@ class SwitchboardStub:
                 request_serializer=protos_dot_switchboard_dot_v1_dot_switchboard__pb2.HealthRequest.SerializeToString,
                 response_deserializer=protos_dot_switchboard_dot_v1_dot_switchboard__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.Feedback = channel.unary_unary(
+                '/switchboard.v1.Switchboard/Feedback',
+                request_serializer=protos_dot_switchboard_dot_v1_dot_switchboard__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=protos_dot_switchboard_dot_v1_dot_switchboard__pb2.FeedbackResponse.FromString,
+                _registered_method=True)
 
 
 class SwitchboardServicer:
@@ -100,6 +105,15 @@ class SwitchboardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Feedback(self, request, context):
+        """The true task of an earlier request (by the request_id of its reply): labelled traffic, counted for the
+        accuracy of the catalog version that answered it (canary analysis and metrics). NOT_FOUND: an id this
+        server did not issue.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SwitchboardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +141,11 @@ def add_SwitchboardServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=protos_dot_switchboard_dot_v1_dot_switchboard__pb2.HealthRequest.FromString,
                     response_serializer=protos_dot_switchboard_dot_v1_dot_switchboard__pb2.HealthResponse.SerializeToString,
+            ),
+            'Feedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Feedback,
+                    request_deserializer=protos_dot_switchboard_dot_v1_dot_switchboard__pb2.FeedbackRequest.FromString,
+                    response_serializer=protos_dot_switchboard_dot_v1_dot_switchboard__pb2.FeedbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +283,33 @@ class Switchboard:
             '/switchboard.v1.Switchboard/Health',
             protos_dot_switchboard_dot_v1_dot_switchboard__pb2.HealthRequest.SerializeToString,
             protos_dot_switchboard_dot_v1_dot_switchboard__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Feedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.Switchboard/Feedback',
+            protos_dot_switchboard_dot_v1_dot_switchboard__pb2.FeedbackRequest.SerializeToString,
+            protos_dot_switchboard_dot_v1_dot_switchboard__pb2.FeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,
