@@ -100,7 +100,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 
 class OpenAIRoutes:
-    """The HTTP routes; the Ingress provides `cfg`, `router`, `_route`, `stream` and `admit`."""
+    """The HTTP routes; the Ingress provides `cfg`, `router`, `_route`, `stream`, `admit` and `outcome`."""
 
     @http.get("/v1/models")
     async def models(self) -> JSONResponse:
@@ -122,12 +122,13 @@ class OpenAIRoutes:
     async def _serve(self, request: Request, schema: type[_Common], chat: bool):
         from .ingress import status_of
 
-        body = None
+        body, arrived = None, time.perf_counter()
         try:
             with self.admit(request):   # refused while the server drains (503: retry elsewhere)
                 body = await _parse(request, schema)
                 job, decision = await self._http_job(body, chat)
-                answer = self.stream(job)
+                answer = self._counted("chat.completions" if chat else "completions", decision, arrived,
+                                       self.stream(job))
                 first = await anext(answer)   # errors before the first token still get their HTTP status
         except OpenAIError as e:
             return e.response()
@@ -147,6 +148,14 @@ class OpenAIRoutes:
         except Exception as e:  # noqa: BLE001
             return _error_of(status_of(e), body.model).response()
         return JSONResponse(reply.whole(out), headers=headers)
+
+    async def _counted(self, method: str, decision: RouteDecision, arrived: float,
+                       items: AsyncIterator[Delta | Answer]) -> AsyncIterator[Delta | Answer]:
+        """The Generator's stream, its outcome counted for the version that answered (as gRPC's are, so a
+        canary judges HTTP traffic too) when it ends: answered, failed, or left by its client."""
+        with self.outcome(method, decision, "", arrived):
+            async for item in items:
+                yield item
 
     async def _http_job(self, body: _Common, chat: bool) -> tuple[GenerationJob, RouteDecision]:
         if chat:

@@ -64,17 +64,17 @@ def app(small_catalog, tiny_base, tmp_path_factory, free_port):
     victim.write_bytes(bytes(data))
 
     state = work / "canary.json"
-    port = free_port()
+    port, http = free_port(), free_port()
     config = launch.load_config(args={"catalog": str(small_catalog.root), "max_new_tokens": 4,
                                       "admin_token": TOKEN, "canary_state": str(state)},
-                                grpc_port=port, http_port=free_port())
+                                grpc_port=port, http_port=http)
     launch.start(config)
     address = f"127.0.0.1:{port}"
     try:
         with SwitchboardClient(address, retry=RetryPolicy(attempts=12, max_s=2.0)) as client, \
                 AdminClient(address, TOKEN) as admin:
-            yield SimpleNamespace(client=client, admin=admin, address=address, stable=small_catalog, good=good,
-                                  bad=bad, tampered=tampered, state=state, test=_records("test"))
+            yield SimpleNamespace(client=client, admin=admin, address=address, http=http, stable=small_catalog,
+                                  good=good, bad=bad, tampered=tampered, state=state, test=_records("test"))
     finally:
         launch.stop()
 
@@ -171,18 +171,24 @@ def test_a_good_candidate_splits_sticky_sessions_survives_a_router_restart_and_i
 
 
 def test_per_version_metrics_reach_the_ray_metrics_export(app):
-    """What Prometheus scrapes: the node's Ray metrics endpoint shows per-version requests and shadow agreement."""
+    """What Prometheus scrapes: the node's Ray metrics endpoint shows per-version requests (HTTP ones too) and
+    shadow agreement."""
+    import httpx
     import ray
 
+    answer = httpx.post(f"http://127.0.0.1:{app.http}/v1/completions", timeout=60,
+                        json={"model": "auto", "prompt": app.test[0].input, "max_tokens": 2})
+    assert answer.status_code == 200, answer.text
     port = ray._private.worker.global_worker.node.metrics_export_port
     deadline, text = time.monotonic() + 60, ""
     while time.monotonic() < deadline:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        if "ray_switchboard_canary_shadow_total" in text and "ray_switchboard_requests_total" in text:
+        if "ray_switchboard_canary_shadow_total" in text and 'method="completions"' in text:
             break
         time.sleep(2)
     lines = [line for line in text.splitlines() if line.startswith("ray_switchboard_")]
     assert any(f'catalog_version="{app.good.version}"' in line and 'code="OK"' in line for line in lines), lines[:20]
+    assert any('method="completions"' in line and 'code="OK"' in line for line in lines)
     assert any(f'catalog_version="{app.bad.version}"' in line and 'agreed="false"' in line for line in lines)
     assert any(line.startswith("ray_switchboard_latency_ms_bucket") for line in lines)
     assert any(line.startswith("ray_switchboard_labelled_total") and 'correct="true"' in line for line in lines)
