@@ -147,7 +147,7 @@ class RouterDeployment:
         if router not in served.names:
             raise UnknownRouterError(f"unknown router {router!r}; this catalog serves {served.names}")
         if router == "selector":
-            return await self.selector.route.remote(request), request
+            return await self.selector.route.remote(request, str(served.catalog.root)), request
         chosen = served.routers[router]
         if chosen.needs_embedding and request.embedding is None:   # same encoder on both sides of a rollout
             request = replace(request, embedding=await self.embedder.embed.remote(request.text))

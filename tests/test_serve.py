@@ -329,6 +329,24 @@ def test_catalog_switch_in_place_keeps_replicas_and_in_flight_requests(app, tiny
     assert app.client.route(text, router="selector").decision.catalog_version == app.catalog.version
 
 
+def test_the_selector_deployment_routes_each_request_on_its_catalogs_selector(app, tiny_base):
+    """A canary candidate with an updated selector is judged on its own selector: the Selector replica
+    loads a named catalog's selector beside the served one, and each request's decision names its catalog."""
+    from ray import serve
+
+    from routing.decision import RouteRequest
+    from serve_app.contract import APP_NAME
+
+    updated, _ = train_selector(app.catalog, _pick("train"), app.work / "catalog-selector-2", tiny_base, per_task=10,
+                                train=TrainSpec(max_steps=10, seed=1), progress=False)
+    assert updated.version != app.catalog.version
+    selector = serve.get_deployment_handle("Selector", APP_NAME)
+    request = RouteRequest(app.test[0].input, top_k=2)
+    on = lambda root: selector.route.remote(request, root).result().catalog_version  # noqa: E731
+    assert on(str(updated.root)) == updated.version
+    assert on(None) == on(str(app.catalog.root)) == app.catalog.version
+
+
 def test_a_trained_router_is_served_after_a_switch_and_auto_picks_it(app):
     """A catalog version that adds a trained router (the lexical one: seconds to fit) is switched in; the
     live Router serves it by name, `auto` resolves to it, and switching back restores the centroid router."""
