@@ -215,9 +215,10 @@ class CpuLoraBackend(LoraBackend):
         SmolLM2's 16 rows x K=3 x rank 8 is 3.1 MiB);
       * decode on a routing new this step (the engine's packed pass, one row per token): dense, two
         matmuls over all slots, is as fast as the gather at 1 row and up to 24x faster at 64, and
-        1.3-19x faster than grouping (single rows at rank 16 aside), at 16 slots of rank <= 16, while the slots' rank columns L*R <= DENSE_MAX_COLUMNS and one
-        projection's work rows*L*R*(in+out) <= DENSE_MAX_MACS (past those, measured with more slots
-        and 320 rows, grouping wins); outside dense's bounds the gather while one projection's copy
+        1.3-19x faster than grouping (single rows at rank 16 aside), at 16 slots of rank <= 16,
+        while the slots' rank columns L*R <= DENSE_MAX_COLUMNS and one projection's work
+        rows*L*R*(in+out) <= DENSE_MAX_MACS (past those, measured with more slots and 320 rows,
+        grouping wins); outside dense's bounds the gather while one projection's copy
         is <= GATHER_MAX_BYTES, grouping above (up to 4.7x faster at B=64, K=3, R=16, and its extra
         memory is activations only, flat in B*K*R*(in+out)).
     `prepare` is only the routing itself; what each path needs is built lazily and cached in it.
