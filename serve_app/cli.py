@@ -78,6 +78,8 @@ def cmd_demo(a: argparse.Namespace) -> dict:
 
 
 def cmd_train_adapter(a: argparse.Namespace) -> dict:
+    if a.config and a.multitask:
+        raise ValueError("train adapter: --multitask takes --tasks and --out, not --config")
     if a.config:
         from training.distributed import train_from_config
         from training.run_config import load_run_config

@@ -111,6 +111,8 @@ def test_the_multitask_adapter_sees_each_tasks_own_template_and_travels_with_the
      ["--endpoint", "127.0.0.1:1"], "cannot answer mode(s) ['uniform']"),
     ([{"input": "x", "output": "y", "domain": "fin", "task": "sentiment"}], "routed,bogus", [],
      "unknown mode(s) ['bogus']"),
+    ([{"input": "word " * 300, "output": "y", "domain": "fin", "task": "sentiment"}], "base", [],
+     "cut prompts with --max-prompt-tokens"),   # beyond the tiny base's 128-token context
 ])
 def test_bad_data_and_modes_are_refused_by_name(world, capsys, tmp_path, rows, modes, extra, message):
     data = tmp_path / "test.jsonl"

@@ -47,7 +47,7 @@ from routing.base_models import load_causal_lm, locate_base_model
 from routing.catalog import Catalog
 from routing.decision import DEFAULT_TEMPERATURE, RouteRequest
 from routing.encoder import Encoder
-from routing.engine import Engine, EngineConfig
+from routing.engine import Engine, EngineConfig, NeverFitsError
 from routing.lora import AdapterStore, FusedLoraModel
 from routing.metrics import get_metric, score
 from routing.routers import carries, make_router
@@ -245,7 +245,10 @@ class InProcessAnswerer:
             ids = self.tokenizer(prompt).input_ids
             if self.max_prompt_tokens is not None:
                 ids = ids[-self.max_prompt_tokens:]
-            self.engine.add(str(i), ids, route, budget, stop=stop)
+            try:
+                self.engine.add(str(i), ids, route, budget, stop=stop)
+            except NeverFitsError as e:
+                raise NeverFitsError(f"query {i + 1} ({desc}): {e}; cut prompts with --max-prompt-tokens") from None
             texts[str(i)] = []
         with tqdm(total=len(prompts), desc=desc, file=sys.stderr, disable=not self.progress) as bar:
             while self.engine.has_work:
