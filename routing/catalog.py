@@ -4,6 +4,7 @@
     <catalog>/index.npz             task index (centroids + the sample embeddings they came from)
     <catalog>/adapters/<d>/<t>/     one peft adapter per task (safetensors only)
     <catalog>/routers/<name>/       trained router artefacts (selector LoRA, classifier, lexical), optional
+    <catalog>/multitask/            one adapter trained on every task's data (the papers' baseline), optional
 
 The version is a hash of the manifest and every file, so two catalogs with the same version are the
 same bytes. Loading re-checks everything a hostile or stale directory could get wrong: adapter
@@ -33,6 +34,7 @@ MANIFEST = "catalog.json"
 INDEX_FILE = "index.npz"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+MULTITASK_DIR = "multitask"
 LABELS_FILE = "labels.json"   # in a trained router's directory: the task keys it scores, in its output order
 
 
@@ -65,6 +67,7 @@ class Catalog:
     routers: dict[str, str] = field(default_factory=dict)  # router name -> artefact dir (relative)
     parent: str | None = None           # the version this one was derived from
     calibration: dict[str, float] = field(default_factory=dict)  # fitted to this index, e.g. routing.calibration
+    multitask: str | None = None        # the multi-task adapter's directory (relative), for `eval generation`
 
     @property
     def keys(self) -> list[str]:
@@ -107,7 +110,7 @@ class Catalog:
         try:
             tasks = {k: TaskEntry(**v) for k, v in m["tasks"].items()}
             catalog = cls(root, m["version"], m.get("base_model"), m["encoder"], tasks, index,
-                          m.get("routers", {}), m.get("parent"), m.get("calibration", {}))
+                          m.get("routers", {}), m.get("parent"), m.get("calibration", {}), m.get("multitask"))
         except (KeyError, TypeError) as e:   # a missing field, or one TaskEntry does not have
             raise CatalogError(f"{manifest_path}: bad manifest: {e}") from None
         catalog._validate(verify)
@@ -123,6 +126,8 @@ class Catalog:
                 raise CatalogError(f"task {key}: unknown metric {entry.metric!r}; known: {', '.join(sorted(METRICS))}")
             if entry.adapter is not None:
                 self._check_adapter(key, entry.adapter)
+        if self.multitask is not None:
+            self._check_adapter("multitask", self.multitask)
         try:
             check_encoder(self.encoder)
         except ValueError as e:
@@ -164,7 +169,7 @@ class Catalog:
 # Top-level manifest fields and the JSON types they must have (absent optional ones are fine).
 _MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
     "version": (str,), "encoder": (dict,), "tasks": (dict,), "index": (str,), "routers": (dict,),
-    "base_model": (dict, type(None)), "parent": (str, type(None)), "calibration": (dict,)}
+    "base_model": (dict, type(None)), "parent": (str, type(None)), "calibration": (dict,), "multitask": (str,)}
 
 
 def _check_manifest_shape(m: dict, path: Path) -> None:
@@ -222,10 +227,11 @@ def check_new_catalog_dir(out: str | Path) -> None:
 def write_catalog(out: str | Path, *, tasks: dict[str, TaskEntry], index: TaskIndex, encoder: dict[str, str],
                   base_model: dict[str, str] | None = None, adapter_dirs: dict[str, Path] | None = None,
                   router_dirs: dict[str, Path] | None = None, parent: str | None = None,
-                  calibration: dict[str, float] | None = None, versioned: bool = False) -> Catalog:
+                  calibration: dict[str, float] | None = None, multitask_dir: Path | None = None,
+                  versioned: bool = False) -> Catalog:
     """Write a new catalog directory atomically and return it loaded (and so validated).
 
-    `adapter_dirs` / `router_dirs` are copied in (only their safetensors and JSON files), so the
+    `adapter_dirs` / `router_dirs` / `multitask_dir` are copied in (only their safetensors and JSON files), so the
     catalog owns its bytes. `out` must not exist yet, or be empty: catalogs are never edited. With
     `versioned`, `out` is a parent directory and the catalog lands in `out/<version>`; writing the
     same content twice returns the existing one.
@@ -251,6 +257,9 @@ def write_catalog(out: str | Path, *, tasks: dict[str, TaskEntry], index: TaskIn
                     "tasks": {k: asdict(v) for k, v in tasks.items()}, "routers": routers, "parent": parent}
         if calibration:   # absent when empty: catalogs without one keep their manifest (and version)
             manifest["calibration"] = calibration
+        if multitask_dir is not None:   # likewise
+            _copy_artefact(Path(multitask_dir), tmp / MULTITASK_DIR)
+            manifest["multitask"] = MULTITASK_DIR
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         manifest["version"] = content_version(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -306,6 +315,7 @@ def derive_catalog(base: Catalog, out: str | Path, *, router_dirs: dict[str, Pat
     set (adapters of kept tasks are carried over from `base` unless given). A trained router of
     `base` that scores another task set than the new one is left behind (it would be refused). A
     calibrated `base` gets its calibration refitted when a new index is given (`routing.calibration`).
+    The multi-task adapter is carried over while the task set stays the one it was trained on.
     """
     tasks = dict(tasks if tasks is not None else base.tasks)
     adapters = {k: base.adapter_path(k) for k in tasks if k in base.tasks and base.tasks[k].adapter}
@@ -313,8 +323,9 @@ def derive_catalog(base: Catalog, out: str | Path, *, router_dirs: dict[str, Pat
     routers = {name: base.router_path(name) for name in base.routers
                if sorted(router_labels(base.router_path(name)) or tasks) == sorted(tasks)}
     routers.update(router_dirs or {})
+    multitask = base.root / base.multitask if base.multitask and sorted(tasks) == sorted(base.tasks) else None
     return write_catalog(out, tasks={k: TaskEntry(**{**asdict(t), "adapter": None}) for k, t in tasks.items()},
                          index=index if index is not None else base.index, encoder=base.encoder,
                          base_model=base.base_model, adapter_dirs=adapters, router_dirs=routers,
-                         parent=base.version, versioned=versioned,
+                         parent=base.version, versioned=versioned, multitask_dir=multitask,
                          calibration=base.calibration if index is None else calibrate(index, bool(base.calibration)))

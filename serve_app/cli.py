@@ -78,6 +78,8 @@ def cmd_demo(a: argparse.Namespace) -> dict:
 
 
 def cmd_train_adapter(a: argparse.Namespace) -> dict:
+    if a.config and a.multitask:
+        raise ValueError("train adapter: --multitask takes --tasks and --out, not --config")
     if a.config:
         from training.distributed import train_from_config
         from training.run_config import load_run_config
@@ -85,14 +87,19 @@ def cmd_train_adapter(a: argparse.Namespace) -> dict:
         return train_from_config(load_run_config(a.config))
     if not (a.tasks and a.out):
         raise ValueError("train adapter: give --config FILE, or --tasks and --out")
-    from training.adapter import LoraSpec, TrainSpec, train_adapters
+    from training.adapter import LoraSpec, TrainSpec, train_adapters, train_multitask
     from training.records import load_records
 
     records = load_records(a.tasks, a.files)
     lora = LoraSpec(variant=a.variant, r=a.r, alpha=a.alpha)
     name, base = _base_model(a.base_model)
-    done = train_adapters(base, records, Path(a.out), lora=lora, train=TrainSpec(device=a.device, dtype=a.dtype),
-                          tasks=a.task or None, text_mode=a.text)
+    train = TrainSpec(device=a.device, dtype=a.dtype)
+    if a.multitask:
+        keys = sorted({r.key for r in records if not a.task or r.key in a.task})
+        out = train_multitask(base, [r for r in records if r.key in keys], Path(a.out), lora=lora, train=train,
+                              text_mode=a.text)
+        return {"base_model": name, "multitask": str(out), "tasks": keys}
+    done = train_adapters(base, records, Path(a.out), lora=lora, train=train, tasks=a.task or None, text_mode=a.text)
     return {"base_model": name, "adapters": {k: str(p) for k, p in done.items()}}
 
 
@@ -142,14 +149,15 @@ def cmd_catalog_build(a: argparse.Namespace) -> dict:
                                                     calibrate_tau=not a.no_calibrate)
         return {**_catalog_summary(catalog), **report}
     catalog = build_catalog(records, a.out, adapters=a.adapters, base_model=base, text_mode=a.text, per_task=a.per_task,
-                            encoder=encoder, metrics=a.metric or [], calibrate_tau=not a.no_calibrate)
+                            encoder=encoder, metrics=a.metric or [], calibrate_tau=not a.no_calibrate,
+                            multitask=a.multitask)
     return _catalog_summary(catalog)
 
 
 def _catalog_summary(catalog) -> dict:
     return {"catalog": str(catalog.root), "version": catalog.version, "base_model": catalog.base_model,
             "encoder": catalog.encoder, "routers": sorted(catalog.routers), "parent": catalog.parent,
-            "calibration": catalog.calibration,
+            "calibration": catalog.calibration, "multitask": catalog.multitask,
             "tasks": {k: {"adapter": t.adapter, "lora": t.lora, "metric": t.metric} for k, t in catalog.tasks.items()}}
 
 
@@ -192,6 +200,64 @@ def cmd_eval_routing(a: argparse.Namespace) -> dict:
     if a.plot:
         result["plot"] = str(plot_confusion(result, a.plot))
     return result
+
+
+def cmd_eval_generation(a: argparse.Namespace) -> dict:
+    import tempfile
+
+    from routing.catalog import Catalog
+    from training import generation_eval as ge
+    from training.records import load_records
+
+    if a.plot:
+        _new_file("--plot", a.plot, ".png")
+    catalog = Catalog.load(a.catalog)
+    modes = ge.parse_modes(a.modes)
+    ge.check_modes(catalog, modes, endpoint=bool(a.endpoint), ood=a.ood)
+    records = load_records(a.data, a.files)
+    ge.check_records(catalog, records, a.data)
+    records = ge.limit_per_task(records, a.limit_per_task)
+    with tempfile.TemporaryDirectory(prefix="sb-eval-") as tmp:
+        if a.endpoint:
+            from .client import SwitchboardClient
+
+            with SwitchboardClient(a.endpoint) as client:
+                result = ge.evaluate_generation(catalog, records, modes, _endpoint_answerer(client, catalog,
+                                                                                           a.long_answer_tokens))
+        else:
+            answerer = ge.InProcessAnswerer(catalog, Path(a.work or tmp), ood=a.ood,
+                                            long_answer_tokens=a.long_answer_tokens,
+                                            max_prompt_tokens=a.max_prompt_tokens)
+            result = ge.evaluate_generation(catalog, records, modes, answerer, ood=a.ood)
+    print(ge.format_table(result), file=sys.stderr)
+    if a.plot:
+        result["plot"] = str(ge.plot_table(result, a.plot))
+    return result
+
+
+def _endpoint_answerer(client, catalog, long_answer_tokens: int):
+    """`eval generation`'s answers from a running app over gRPC, CONCURRENCY requests in flight so its
+    engine batches them; the app routes and renders the routed task's template itself."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    from training.generation_eval import FUSED_TOP_K, answer_budget
+
+    options = {"base": dict(router="fixed", base_only=True), "oracle": dict(router="fixed"), "routed": dict(top_k=1),
+               "fused": dict(top_k=FUSED_TOP_K), "selector": dict(router="selector", top_k=1)}
+
+    def answer(mode: str, records: list) -> list[str]:
+        def one(r) -> str:
+            budget, stop = answer_budget(catalog.tasks[r.key].metric, long_answer_tokens)
+            extra = {"task": r.key} if options[mode].get("router") == "fixed" else {}
+            return client.generate(r.text(catalog.encoder["text_mode"]), max_new_tokens=budget, stop=list(stop),
+                                   **options[mode], **extra).text
+
+        with ThreadPoolExecutor(16) as pool:
+            return list(tqdm(pool.map(one, records), total=len(records), desc=mode, file=sys.stderr))
+
+    return answer
 
 
 def _interrupt(signum: int, frame) -> None:
@@ -371,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: the GPU when there is one, else the CPU")
     c.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bf16 mixed precision on GPU, fp32 on CPU")
+    c.add_argument("--multitask", action="store_true",
+                   help="one adapter on all the tasks' records together into OUT (the papers' multi-task baseline; "
+                        "`catalog build --multitask OUT` carries it)")
 
     c = command("router", cmd_train_router, "train a router into a new catalog version", train)
     c.add_argument("--kind", required=True, choices=["selector", "classifier", "lexical"],
@@ -463,6 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--metric", action="append", metavar="NAME|TASK=NAME",
                    help="the tasks' metric (exact, first_line, accuracy, rouge_l, bleu), for all tasks or one "
                         "(repeatable); default: inferred from each task's references")
+    c.add_argument("--multitask", metavar="DIR", help="a multi-task adapter (`train adapter --multitask`) the "
+                                                       "catalog carries for `eval generation --modes multitask`")
     c.add_argument("--no-calibrate", action="store_true",
                    help="LoRAuter's exact rule: τ on raw cosines (default: the centroid router's temperature is "
                         "fitted to this catalog on its index samples, leave-one-out, and recorded)")
@@ -499,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--state", **state)
         c.add_argument("--endpoint", **endpoint)
 
-    ev = sub.add_parser("eval", help="evaluate routing").add_subparsers(dest="what", required=True)
+    ev = sub.add_parser("eval", help="evaluate routing and answers").add_subparsers(dest="what", required=True)
     c = command("routing", cmd_eval_routing, "routing accuracy of a router on labelled records", ev)
     c.add_argument("--catalog", required=True)
     c.add_argument("--data", required=True)
@@ -516,6 +587,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--train", metavar="DATA", help="ood with a trained router: its training records")
     c.add_argument("--folds", type=_positive, default=3, help="ood with a trained router: task folds retrained")
     c.add_argument("--plot", metavar="FILE.png", help="also write the confusion matrix (true task x top-1 task)")
+
+    c = command("generation", cmd_eval_generation, "answers under each way of combining adapters, scored by each "
+                                                   "task's catalog metric (training/generation_eval.py)", ev)
+    c.add_argument("--catalog", required=True)
+    c.add_argument("--data", required=True, help="test records of the catalog's tasks, with outputs")
+    c.add_argument("--files", **files)
+    c.add_argument("--modes", default="base,oracle,routed,fused",
+                   help="comma-separated, or all: base, oracle, routed, fused, uniform, merged, ties, multitask, selector")
+    c.add_argument("--ood", action="store_true", help="leave each query's own adapter out of the pool (LoRAuter's "
+                                                      "unseen-task regime)")
+    c.add_argument("--limit-per-task", type=_positive, metavar="N", help="only the first N records of each task")
+    c.add_argument("--endpoint", metavar="HOST:PORT", help="answer through a running app over gRPC (modes base, "
+                                                           "oracle, routed, fused, selector) instead of in-process")
+    c.add_argument("--long-answer-tokens", type=_positive, default=128,
+                   help="answer budget of tasks scored by rouge_l or bleu (short-answer metrics get 16, to a newline)")
+    c.add_argument("--max-prompt-tokens", type=_positive, help="keep only a prompt's last N tokens, as training cuts "
+                                                              "long prompts (default: whole prompts)")
+    c.add_argument("--work", metavar="DIR", help="where merged adapters are kept for reuse (default: a temp dir)")
+    c.add_argument("--plot", metavar="FILE.png", help="also write the task x mode table as a heatmap")
     return p
 
 

@@ -485,3 +485,29 @@ def test_a_full_queue_is_refused_with_resource_exhausted(app):
         serve.delete("tight")
     refused = [g for g in got if isinstance(g, OverloadedError)]
     assert refused and len(refused) < 5 and "retry later" in str(refused[0])
+
+
+def test_eval_generation_over_grpc_answers_as_the_engine_does_in_process(app, capsys, tmp_path):
+    """`eval generation --endpoint` against the running app: base and oracle render the query's own
+    task template on either path, so their answers (and scores) are the in-process engine's; the
+    selector mode is served by the app's Selector deployment and runs in-process from the catalog."""
+    import json
+
+    from serve_app.cli import main
+    from training.records import write_jsonl
+
+    data = write_jsonl(app.test[::10], tmp_path / "test.jsonl")
+    results = {}
+    for where, extra in (("grpc", ["--endpoint", f"127.0.0.1:{app.config['grpc_options']['port']}"]),
+                         ("in-process", [])):
+        code = main(["eval", "generation", "--catalog", str(app.catalog.root), "--data", str(data),
+                     "--modes", "base,oracle,routed,fused,selector", *extra])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        results[where] = json.loads(out.strip().splitlines()[-1])
+    for mode in ("base", "oracle"):
+        assert {k: r[mode] for k, r in results["grpc"]["per_task"].items()} == \
+               {k: r[mode] for k, r in results["in-process"]["per_task"].items()}
+    for mode in ("base", "oracle"):
+        assert {k: s[mode] for k, s in results["grpc"]["samples"].items()} == \
+               {k: s[mode] for k, s in results["in-process"]["samples"].items()}

@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Sequence, get_args
+from typing import Literal, Mapping, Sequence, get_args
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
@@ -45,6 +45,7 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # moved in
 DONE_MARKER = "training.json"
 CHECKPOINTS = "checkpoints"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+Template = str | Mapping[str, str]   # one template, or one per task key
 
 
 def _log(msg: str) -> None:
@@ -118,10 +119,12 @@ class TrainSpec:
 
 
 # ---- data ---------------------------------------------------------------------------------------
-def _encode(tokenizer: PreTrainedTokenizerBase, records: list[Record], template: str, text_mode: str,
+def _encode(tokenizer: PreTrainedTokenizerBase, records: list[Record], template: Template, text_mode: str,
             max_length: int) -> tuple[list[dict[str, list[int]]], int]:
-    """Prompt ids (as generation will see them) + answer ids + EOS; labels mask the prompt."""
-    prompts = tokenizer([render(template, r.text(text_mode)) for r in records])["input_ids"]
+    """Prompt ids (as generation will see them) + answer ids + EOS; labels mask the prompt. `template`
+    is one for all records, or one per task key (a multi-task adapter sees each task's own prompt)."""
+    prompts = tokenizer([render(template if isinstance(template, str) else template[r.key], r.text(text_mode))
+                         for r in records])["input_ids"]
     answers = tokenizer([r.output for r in records], add_special_tokens=False)["input_ids"]
     examples, truncated = [], 0
     for prompt, answer in zip(prompts, answers):
@@ -215,7 +218,7 @@ class ProgressBar(TrainerCallback):
 
 
 # ---- checkpoints and the finished directory ------------------------------------------------------
-def _fingerprint(base_id: str, records: list[Record], template: str, text_mode: str, lora: LoraSpec,
+def _fingerprint(base_id: str, records: list[Record], template: Template, text_mode: str, lora: LoraSpec,
                  train: TrainSpec, init_adapter: Path | None = None) -> str:
     what = {k: v for k, v in asdict(train).items() if k not in ("device", "dtype")}
     h = hashlib.sha256(json.dumps({"base": base_id, "template": template, "text_mode": text_mode,
@@ -345,7 +348,7 @@ def _save(trainer, peft_model, lora: LoraSpec, out: Path, staging: Path, base_id
 
 
 # ---- training -----------------------------------------------------------------------------------
-def train_adapter(base_path: str | Path, records: list[Record], template: str, out_dir: str | Path,
+def train_adapter(base_path: str | Path, records: list[Record], template: Template, out_dir: str | Path,
                   lora: LoraSpec = LoraSpec(), train: TrainSpec = TrainSpec(), text_mode: str = "input",
                   progress: bool = True, callbacks: Sequence[TrainerCallback] = (),
                   init_adapter: str | Path | None = None) -> Path:
@@ -433,3 +436,17 @@ def train_adapters(base_path: str | Path, records: list[Record], out_dir: str | 
         done[key] = train_adapter(base_path, rows, template, Path(out_dir) / key, lora=lora, train=train,
                                   text_mode=text_mode, progress=progress)
     return done
+
+
+def train_multitask(base_path: str | Path, records: list[Record], out_dir: str | Path, *, lora: LoraSpec = LoraSpec(),
+                    train: TrainSpec = TrainSpec(), text_mode: str = "input", progress: bool = True) -> Path:
+    """One adapter on every task's records together, into `out_dir`: the papers' single multi-task LoRA
+    baseline (AS Table 3). Each record is rendered with its own task's template, as the per-task
+    adapters and serving render it, so the baseline differs from them only in sharing one adapter.
+    `_schedule` shuffles the records, so tasks mix within a batch."""
+    groups = group_by_task(records)
+    if len(groups) < 2:
+        raise ValueError(f"a multi-task adapter needs records of at least 2 tasks, got {sorted(groups)}")
+    templates = {key: template_for((r.instruction for r in rows), text_mode) for key, rows in groups.items()}
+    return train_adapter(base_path, records, dict(sorted(templates.items())), out_dir, lora=lora, train=train,
+                         text_mode=text_mode, progress=progress)

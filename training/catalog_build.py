@@ -73,7 +73,8 @@ def task_metrics(groups: dict[str, list[Record]], specs: list[str] = ()) -> dict
 def build_catalog(records: list[Record], out: str | Path, *, adapters: str | Path | None = None,
                   base_model: tuple[str, Path] | None = None, text_mode: TextMode = "input",
                   per_task: int | None = None, encoder: Encoder | None = None, metrics: list[str] = (),
-                  calibrate_tau: bool = True, seed: int = 0, versioned: bool = False) -> Catalog:
+                  calibrate_tau: bool = True, seed: int = 0, multitask: str | Path | None = None,
+                  versioned: bool = False) -> Catalog:
     """Write a catalog for the tasks in `records`.
 
     Without `adapters` it is routing-only (task index, templates), enough to evaluate routers on
@@ -82,7 +83,8 @@ def build_catalog(records: list[Record], out: str | Path, *, adapters: str | Pat
     packaged MiniLM; any sentence-transformers directory) is recorded with a fingerprint that
     `Catalog.load` checks. `calibrate_tau`: fit the centroid router's temperature to this index
     (`routing.calibration`); off, τ applies to raw cosines as in LoRAuter. `versioned`: see
-    `routing.catalog.write_catalog`.
+    `routing.catalog.write_catalog`. `multitask`: an adapter trained on all the tasks together
+    (`training.adapter.train_multitask`), carried for `eval generation`'s `multitask` mode.
     """
     if not versioned:
         check_new_catalog_dir(out)   # before the encoder runs, not after
@@ -93,6 +95,8 @@ def build_catalog(records: list[Record], out: str | Path, *, adapters: str | Pat
                             metric=chosen_metrics[key])
              for key, rows in groups.items()}
     adapter_dirs, base = None, None
+    if multitask is not None and adapters is None:
+        raise CatalogError("a multi-task adapter needs --adapters too: a catalog that serves it has a base model")
     if adapters is not None:
         if base_model is None:
             raise CatalogError("a catalog with adapters needs its base model")
@@ -104,4 +108,5 @@ def build_catalog(records: list[Record], out: str | Path, *, adapters: str | Pat
         base = {"name": base_model[0], "id": base_model_id(base_model[1])}
     index = build_index(records, text_mode, per_task, encoder, seed)
     return write_catalog(out, tasks=tasks, index=index, encoder=encoder_record(encoder, text_mode), base_model=base,
-                         adapter_dirs=adapter_dirs, calibration=calibrate(index, calibrate_tau), versioned=versioned)
+                         adapter_dirs=adapter_dirs, calibration=calibrate(index, calibrate_tau), versioned=versioned,
+                         multitask_dir=Path(multitask) if multitask is not None else None)
