@@ -225,9 +225,14 @@ def cmd_eval_generation(a: argparse.Namespace) -> dict:
                 result = ge.evaluate_generation(catalog, records, modes, _endpoint_answerer(client, catalog,
                                                                                            a.long_answer_tokens))
         else:
+            import torch
+
+            from routing.devices import resolve_placement
+
+            where = resolve_placement(a.device, a.dtype, gpu_assigned=torch.cuda.is_available(), who="eval generation")
             answerer = ge.InProcessAnswerer(catalog, Path(a.work or tmp), ood=a.ood,
                                             long_answer_tokens=a.long_answer_tokens,
-                                            max_prompt_tokens=a.max_prompt_tokens)
+                                            max_prompt_tokens=a.max_prompt_tokens, placement=where)
             result = ge.evaluate_generation(catalog, records, modes, answerer, ood=a.ood)
     print(ge.format_table(result), file=sys.stderr)
     if a.plot:
@@ -605,6 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-prompt-tokens", type=_positive, help="keep only a prompt's last N tokens, as training cuts "
                                                               "long prompts (default: whole prompts)")
     c.add_argument("--work", metavar="DIR", help="where merged adapters are kept for reuse (default: a temp dir)")
+    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="in-process answers: auto = the GPU when there is one (bf16), else the CPU (fp32)")
+    c.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     c.add_argument("--plot", metavar="FILE.png", help="also write the task x mode table as a heatmap")
     return p
 

@@ -5,6 +5,7 @@ reused, the multi-task adapter travels with the catalog, and bad data or modes a
 import json
 
 import pytest
+import torch
 
 from routing.base_models import load_causal_lm
 from routing.catalog import Catalog, derive_catalog
@@ -113,6 +114,9 @@ def test_the_multitask_adapter_sees_each_tasks_own_template_and_travels_with_the
      "unknown mode(s) ['bogus']"),
     ([{"input": "word " * 300, "output": "y", "domain": "fin", "task": "sentiment"}], "base", [],
      "cut prompts with --max-prompt-tokens"),   # beyond the tiny base's 128-token context
+    *([] if torch.cuda.is_available() else [
+        ([{"input": "x", "output": "y", "domain": "fin", "task": "sentiment"}], "base", ["--device", "cuda"],
+         "eval generation: device 'cuda' was asked for, but CUDA is not available")]),
 ])
 def test_bad_data_and_modes_are_refused_by_name(world, capsys, tmp_path, rows, modes, extra, message):
     data = tmp_path / "test.jsonl"

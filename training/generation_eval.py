@@ -40,12 +40,14 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from routing.adapter_config import read_adapter_config
 from routing.base_models import load_causal_lm, locate_base_model
 from routing.catalog import Catalog
 from routing.decision import DEFAULT_TEMPERATURE, RouteRequest
+from routing.devices import Placement
 from routing.encoder import Encoder
 from routing.engine import Engine, EngineConfig, NeverFitsError
 from routing.lora import AdapterStore, FusedLoraModel
@@ -168,11 +170,12 @@ class InProcessAnswerer:
     long_answer_tokens: int = LONG_ANSWER_TOKENS
     max_prompt_tokens: int | None = None   # keep only the prompt's last tokens (as training cuts long prompts)
     progress: bool = True
+    placement: Placement = Placement(torch.device("cpu"), torch.float32)   # the base model's and encoder's
 
     def __post_init__(self) -> None:
         c = self.catalog
         base_dir = locate_base_model(c.base_model["id"], self.base_dir)
-        model, self.tokenizer = load_causal_lm(base_dir)
+        model, self.tokenizer = load_causal_lm(base_dir, self.placement.dtype, self.placement.device)
         self.base_path = base_dir
         paths = {k: c.adapter_path(k) for k in c.keys}
         if c.multitask is not None:
@@ -184,7 +187,7 @@ class InProcessAnswerer:
         self.store = AdapterStore(fused, paths)
         self.engine = Engine(fused, self.tokenizer, self.store, EngineConfig(max_waiting=1 << 20),
                              context=getattr(model.config, "max_position_embeddings", None))
-        self.encoder = Encoder(c.encoder["name"], c.encoder["prefix"])
+        self.encoder = Encoder(c.encoder["name"], c.encoder["prefix"], self.placement.device, self.placement.dtype)
         self._routers: dict[str, object] = {}
 
     def __call__(self, mode: str, records: list[Record]) -> list[str]:
