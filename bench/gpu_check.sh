@@ -97,7 +97,9 @@ step_bench() {
 
 step_engine() {
     log "5 engine_steps"
-    PYTHONPATH=$PWD timeout 150 "$PY" bench/engine_steps.py --base-model smollm2 --repeats 2 \
+    local model=(--base-model smollm2 --repeats 2)
+    [ "$TINY" = 1 ] && model=(--base-model tiny --requests 100 --repeats 1)
+    PYTHONPATH=$PWD timeout 150 "$PY" bench/engine_steps.py "${model[@]}" \
         > "$OUT/engine.txt" 2> "$OUT/engine.err" || log "5 engine_steps failed: $(tail -2 "$OUT/engine.err")"
     tail -1 "$OUT/engine.txt" > "$OUT/engine.json"
 }
