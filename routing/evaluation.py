@@ -86,6 +86,13 @@ def plot_confusion(result: dict, path: str | Path) -> Path:
     ood = ", own task left out" if result.get("ood") else ""
     ax.set_title(f"{result['router']} router on {result['n']} queries{ood}: top-1 {result['top1_task_acc']:.3f}",
                  fontsize=9)
+    return save_figure(fig, ax, image, path)
+
+
+def save_figure(fig, ax, image, path: str | Path) -> Path:
+    """A heatmap's colour bar, layout and PNG at `path` (parents made); the figure is closed."""
+    import matplotlib.pyplot as plt
+
     fig.colorbar(image, ax=ax, fraction=0.03)
     fig.tight_layout()
     path = Path(path)

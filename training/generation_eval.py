@@ -48,6 +48,7 @@ from routing.base_models import load_causal_lm, locate_base_model
 from routing.catalog import Catalog
 from routing.decision import DEFAULT_TEMPERATURE, RouteRequest
 from routing.devices import Placement
+from routing.evaluation import save_figure
 from routing.encoder import Encoder
 from routing.engine import Engine, EngineConfig, NeverFitsError
 from routing.lora import AdapterStore, FusedLoraModel
@@ -358,11 +359,5 @@ def plot_table(result: dict, path: str | Path) -> Path:
                 color="black" if grid[i, j] > 0.6 else "white")
     regime = "OOD (own adapter left out)" if result["ood"] else "in pool"
     ax.set_title(f"answers by mode, {regime}; catalog {result['catalog_version'][:12]}, n={result['n']}", fontsize=9)
-    fig.colorbar(image, ax=ax, fraction=0.03)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, image, path)
 
