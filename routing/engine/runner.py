@@ -45,19 +45,17 @@ def rows_for(prefills: Seq[PrefillChunk], decodes: Seq[Sequence]) -> list[Row]:
 class _AttentionGroup:
     """Rows whose queries are attended together, laid out (b, t) with t = the group's longest row.
 
-    `tokens` (b, t): each query's index in the packed pass (0 on padding); `valid` (b, t); `gather`
-    (b, S): the cache slots of each row's keys; `mask` (b, 1, t, S): causal, within the row's own
-    length. A step has one group of prefill chunks and one per span bucket of decoding rows (t = 1).
+    `tokens` (b, t): each query's index in the packed pass (0 on padding); `valid` (b, t); `dest`: the
+    valid queries' indices, in (b, t) order; `gather` (b, S): the cache slots of each row's keys; `mask`
+    (b, 1, t, S): causal, within the row's own length. Built once per step, used by every layer. A step
+    has one group of prefill chunks and one per span bucket of decoding rows (t = 1).
     """
 
     tokens: torch.Tensor
     valid: torch.Tensor
+    dest: torch.Tensor
     gather: torch.Tensor
     mask: torch.Tensor
-
-    @property
-    def dest(self) -> torch.Tensor:
-        return self.tokens[self.valid]
 
 
 def _attention_parts(rows: list[Row]) -> list[list[int]]:
@@ -154,7 +152,8 @@ class ModelRunner:
         mask = (key_pos[None, None, :] <= pos[:, :, None]) & (key_pos[None, None, :] < lengths[:, None, None])
         mask[~valid] = key_pos[None, :] == 0   # padding queries look at one key: no empty softmax (dropped)
         dev = self.device
-        return _AttentionGroup(tokens.to(dev), valid.to(dev), gather.to(dev), mask[:, None].to(dev))
+        return _AttentionGroup(tokens.to(dev), valid.to(dev), tokens[valid].to(dev), gather.to(dev),
+                               mask[:, None].to(dev))
 
     def _attention(self, li: int, attn, x: torch.Tensor, cos, sin, write: torch.Tensor,
                    groups: list[_AttentionGroup]) -> torch.Tensor:
