@@ -7,7 +7,10 @@ centroid router its index rows (exact), for a trained router (lexical, classifie
 tasks, retrained without them (`training.ood_evaluation`). Scored: top-1 task (non-OOD) and top-1 domain (all regimes).
 
     .venv/bin/python bench/ood_regimes.py --flan ../shared/data/flan48/validation.jsonl --work /tmp/ood [--folds 4] \
-        [--routers centroid,lexical,ensemble]
+        [--routers centroid,lexical,ensemble,selector] [--selector-steps 150 --selector-embed base-embeddings ...]
+
+The selector (AS, on `--selector-base`) is trained once on every task, then retrained per OOD fold with the
+same recipe (`training.ood_evaluation.retrain`): one SmolLM2 LoRA training per fold.
 
 Progress on stderr; one JSON object as the last stdout line.
 """
@@ -19,6 +22,7 @@ import json
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -27,7 +31,9 @@ from routing.encoder import shared_encoder  # noqa: E402
 from training.catalog_build import build_catalog  # noqa: E402
 from training.ood_evaluation import evaluate_regime  # noqa: E402
 from training.records import group_by_task, load_records  # noqa: E402
+from training.base_model import resolve_base_model  # noqa: E402
 from training.router_training import train_classifier, train_lexical  # noqa: E402
+from training.selector import SELECTOR_TRAIN, train_selector  # noqa: E402
 
 HELD_OUT = 4   # per task, as bench/routing_quality.py's FLAN folds
 
@@ -38,7 +44,12 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--folds", type=int, default=4, help="task folds a trained router is retrained without")
     ap.add_argument("--routers", default="centroid,lexical", help="comma-separated: centroid, lexical, classifier, "
-                                                                   "ensemble")
+                                                                   "ensemble, selector")
+    ap.add_argument("--selector-base", default="smollm2", help="the selector's base model")
+    ap.add_argument("--selector-steps", type=int, default=150)
+    ap.add_argument("--selector-per-task", type=int, default=16, help="K-means representatives a task")
+    ap.add_argument("--selector-embed", default="encoder", choices=["encoder", "base-embeddings"])
+    ap.add_argument("--selector-metric", default="cos", choices=["l2", "ip", "cos"])
     a = ap.parse_args()
     started = time.perf_counter()
     groups = {k: list(v) for k, v in group_by_task(load_records(a.flan)).items()}
@@ -52,6 +63,11 @@ def main() -> None:
         catalog = train_classifier(catalog, train, a.work / "trained", progress=False)
     elif "lexical" in routers:
         catalog = train_lexical(catalog, train, a.work / "trained", progress=False)
+    if "selector" in routers:   # each OOD fold retrains it with this recipe, without the fold's tasks
+        base = resolve_base_model(a.selector_base)
+        catalog, _ = train_selector(catalog, train, a.work / "selector", base, per_task=a.selector_per_task,
+                                    embed=a.selector_embed, metric=a.selector_metric,
+                                    train=replace(SELECTOR_TRAIN, max_steps=a.selector_steps), progress=False)
     texts, keys = [r.input for r in test], [r.key for r in test]
     embed = shared_encoder().encode
     rows = {}

@@ -72,19 +72,30 @@ class SelectorModel:
         """`placement`: device and dtype of the base model and its selector LoRA (default: CPU, float32)."""
         artefact = Path(artefact)
         placement = placement or Placement(torch.device("cpu"), torch.float32)
-        self.device = placement.device
-        self.labels: list[str] = json.loads((artefact / LABELS_FILE).read_text())
+        labels = json.loads((artefact / LABELS_FILE).read_text())
         config = json.loads((artefact / "adapter_config.json").read_text())
         base_dir = locate_base_model(config["base_model_name_or_path"], base_model)
-        model, self.tokenizer = load_causal_lm(base_dir, placement.dtype, placement.device)
-        self.model = PeftModel.from_pretrained(model, str(artefact)).eval()
-        prompt = trained_prompt(artefact)
+        model, tokenizer = load_causal_lm(base_dir, placement.dtype, placement.device)
+        self._setup(PeftModel.from_pretrained(model, str(artefact)).eval(), tokenizer, labels,
+                    trained_prompt(artefact), trained_window(artefact))
+
+    @classmethod
+    def over(cls, model, tokenizer, labels: list[str], prompt: str, window: int) -> "SelectorModel":
+        """Score with a selector LoRA already in memory (a sweep trial judging its model mid-training),
+        exactly as the saved artefact of it would be scored. The caller puts `model` in eval mode."""
+        self = cls.__new__(cls)
+        self._setup(model, tokenizer, labels, prompt, window)
+        return self
+
+    def _setup(self, model, tokenizer, labels: list[str], prompt: str, window: int) -> None:
+        self.model, self.tokenizer, self.labels = model, tokenizer, list(labels)
+        self.device = model.device
         self.template = selector_template(prompt, self.labels)
-        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        self.label_ids = [self.tokenizer(label_text(k, prompt), add_special_tokens=False)["input_ids"] + eos
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self.label_ids = [tokenizer(label_text(k, prompt), add_special_tokens=False)["input_ids"] + eos
                           for k in self.labels]
         # Training fit prompt + label in its window; the prompt here keeps room for the longest label.
-        self.max_length = trained_window(artefact) - max(map(len, self.label_ids))
+        self.max_length = window - max(map(len, self.label_ids))
 
     @torch.inference_mode()
     def log_likelihoods(self, texts: list[str]) -> torch.Tensor:

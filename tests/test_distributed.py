@@ -104,15 +104,29 @@ def test_placement_checks():
     assert run_config(output="x", workers=0, deepspeed={}).train_workers() == 1  # DeepSpeed always runs under Ray
 
 
-def test_train_from_config_selector(tmp_path, tiny_base, encoder):
-    """kind: selector trains the AS selector over a catalog and writes a new catalog version."""
-    keys = TASKS
-    base = build_catalog([r for r in demo_records("val") if r.key in keys], tmp_path / "base", encoder=encoder)
-    result = train_from_config(run_config(kind="selector", base_model="tiny-test", task=keys, catalog=str(base.root),
-                                          per_task=8, train={"max_steps": 6, "batch_size": 8},
-                                          output=str(tmp_path / "v2"), progress=False))
-    assert result["kind"] == "selector" and result["parent"] == base.version
-    new = Catalog.load(result["catalog"])
-    assert "selector" in new.routers and new.parent == base.version
-    with pytest.raises(ConfigError, match="kind 'selector' trains in one process"):
-        run_config(kind="selector", catalog="c", output="o", workers=2, train=TRAIN)
+def test_train_from_config_selector(ray_local, tmp_path, tiny_base, encoder):
+    """kind: selector trains the AS selector over a catalog into a new catalog version, in one process, on 2
+    Ray Train workers and with DeepSpeed ZeRO-2 from the same run config: the same selection, the same
+    global batches, so the same weights, and every version routes with its selector."""
+    from routing.decision import RouteRequest
+    from routing.routers import make_router
+
+    base = build_catalog([r for r in demo_records("val") if r.key in TASKS], tmp_path / "base", encoder=encoder)
+    config = dict(kind="selector", base_model="tiny-test", task=TASKS, catalog=str(base.root), per_task=8,
+                  train=TRAIN, lora=LORA, progress=False)
+    runs = {"single": {}, "ray_train": {"workers": 2},
+            "ray_train+deepspeed": {"workers": 2, "deepspeed": str(REPO / "examples" / "deepspeed-zero2.json")}}
+    selectors = {}
+    for mode, placement in runs.items():
+        result = train_from_config(run_config(**config, **placement, output=str(tmp_path / mode)))
+        assert result["kind"] == "selector" and result["mode"] == mode and result["parent"] == base.version
+        assert result["steps"] == TRAIN["max_steps"]
+        new = Catalog.load(result["catalog"])
+        assert "selector" in new.routers and new.parent == base.version
+        selectors[mode] = new.router_path("selector")
+        assert (result["distributed"] or {}).get("world_size", 1) == (2 if placement else 1)
+        decisions = make_router("selector", new).route([RouteRequest("Summarise the motion to dismiss.", top_k=1)])
+        assert decisions[0].top in TASKS
+    assert json.loads((selectors["ray_train+deepspeed"] / "training.json").read_text())["distributed"]["zero_stage"] == 2
+    for mode in ("ray_train", "ray_train+deepspeed"):
+        assert _same_weights(selectors["single"].parent, selectors[mode].parent, "selector") < 1e-5, mode

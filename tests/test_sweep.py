@@ -1,5 +1,6 @@
 """Ray Tune sweeps: a 4-trial sweep end to end (results, plot, early stops, exported catalog), the
-choice of the exported trial (DoRA never), and the sweep configs we ship."""
+choice of the exported trial (DoRA never, except for the selector), a selector sweep end to end, and the
+sweep configs we ship."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import yaml
 
 from routing.catalog import Catalog
 from training.run_config import ConfigError, load_sweep_config, sweep_config
-from training.sweep import RESUMED, grid, pick_best, run_sweep, sweep_data
+from training.sweep import NOT_EXPORTED, RESUMED, SELECTOR, grid, pick_best, run_sweep, sweep_data
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = "fin/ticker"
@@ -60,6 +61,42 @@ def test_small_sweep_end_to_end(tmp_path, tiny_base):
     fused.load_adapter(TASK, catalog.adapter_path(TASK))
 
 
+def test_selector_sweep_exports_the_best_selector(tmp_path, tiny_base, encoder):
+    """`selector:` sweeps the AS selector's variants: every trial trains on one shared selection, its score
+    is the routing top-1 on the validation rows (recomputed here with the router's own scorer), and the best
+    trial is exported as a child version of the catalog it routes over (DoRA included: the selector is not
+    served by the fused path)."""
+    from routing.selector_model import SelectorModel
+    from training.catalog_build import build_catalog
+    from training.demo_corpus import demo_records
+    from training.selector import per_task_accuracy
+
+    keys = ["fin/ticker", "legal/motion"]
+    parent = build_catalog([r for r in demo_records("val") if r.key in keys], tmp_path / "parent", encoder=encoder)
+    cfg = sweep_config(
+        base_model="tiny-test", tasks="demo", task=keys, variants=["lora", "dora"], r=[4], alpha=[8], lr=[6.0e-3],
+        train={"max_steps": 16, "batch_size": 8, "save_steps": 8, "warmup_steps": 2}, eval_every=8, val_per_task=6,
+        scheduler="fifo", max_concurrent=1, selector={"catalog": str(parent.root), "per_task": 8},
+        output=str(tmp_path / "sweep"), dashboard=False)
+    result = run_sweep(cfg)
+    print(json.dumps(result, indent=1))
+
+    assert result["kind"] == SELECTOR and result["trials"] == 2 and result["completed"] == 2
+    rows = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    assert {row["variant"] for row in rows} == {"lora", "dora"} and all(0 <= row["score"] <= 1 for row in rows)
+    assert len({json.dumps(json.loads((Path(row["adapter"]) / "selection.jsonl").read_text().splitlines()[0]))
+                for row in rows}) == 1   # one selection, shared
+    best = result["best"][SELECTOR]
+    assert best["score"] == max(row["score"] for row in rows)
+    exported = Catalog.load(result["catalog"])
+    assert exported.parent == parent.version and exported.keys == sorted(keys) and "selector" in exported.routers
+    assert Path(result["catalog"]).parent == tmp_path / "sweep" / "catalogs"
+    val = [r for rows_ in sweep_data(cfg)[1].values() for r in rows_]
+    accuracy = per_task_accuracy(SelectorModel(exported.router_path("selector")), val, "input")
+    assert sorted(accuracy) == sorted(keys)
+    assert sum(accuracy.values()) / len(accuracy) == pytest.approx(best["score"], abs=1e-4)
+
+
 def _row(variant, score, loss, status="completed", **kw):
     return {"task": TASK, "variant": variant, "r": 4, "alpha": 8, "lr": 1e-3, "dropout": 0.0, "seed": 0,
             "status": status, "reports": 4, "score": score, "eval_loss": loss,
@@ -69,14 +106,15 @@ def _row(variant, score, loss, status="completed", **kw):
 def test_best_is_servable_and_dora_is_reported():
     rows = [_row("dora", 1.0, 0.1), _row("lora", 0.9, 0.3), _row("pissa", 0.9, 0.2),
             _row("rslora", 1.0, 0.05, status="stopped_early")]
-    best, passed = pick_best(rows, "score")
+    best, passed = pick_best(rows, "score", NOT_EXPORTED)
     assert best[TASK]["variant"] == "pissa"          # tie on score: lower eval loss; stopped trials never
     assert passed[TASK]["variant"] == "dora" and "refused" in passed[TASK]["reason"]
-    best, passed = pick_best(rows, "eval_loss")
+    best, passed = pick_best(rows, "eval_loss", NOT_EXPORTED)
     assert best[TASK]["variant"] == "pissa" and passed[TASK]["variant"] == "dora"
-    best, _ = pick_best([_row("dora", 1.0, 0.1), _row("lora", 0.5, 0.5, status=RESUMED)], "score")
+    best, _ = pick_best([_row("dora", 1.0, 0.1), _row("lora", 0.5, 0.5, status=RESUMED)], "score", NOT_EXPORTED)
     assert best[TASK]["variant"] == "lora"          # finished after the sweep: exportable
-    assert pick_best([_row("dora", 1.0, 0.1)], "score")[0] == {}
+    assert pick_best([_row("dora", 1.0, 0.1)], "score", NOT_EXPORTED)[0] == {}
+    assert pick_best([_row("dora", 1.0, 0.1)], "score", {})[0][TASK]["variant"] == "dora"  # a selector may
 
 
 def test_grid_is_shuffled_and_complete():
@@ -91,6 +129,8 @@ def test_grid_is_shuffled_and_complete():
 
 def test_shipped_sweep_configs_validate(tmp_path):
     smoke = load_sweep_config(REPO / "examples" / "sweep-smoke.yaml")
+    selector = load_sweep_config(REPO / "examples" / "sweep-selector.yaml")
+    assert selector.selector.catalog.endswith("runs/catalog-demo") and selector.grid_size() == 8
     assert smoke.variants == ["lora", "rslora", "dora", "pissa"] and len(smoke.task) == 2
     configmap = yaml.safe_load((REPO / "k8s" / "sweep-configmap.yaml").read_text())
     path = tmp_path / "sweep.yaml"

@@ -249,6 +249,22 @@ def train_adapters_distributed(base_path: str | Path, jobs: list[Job], *, lora: 
     return {job["key"]: json.loads((Path(job["out"]) / "training.json").read_text()) for job in jobs}
 
 
+def train_one(base_path: str | Path, records: list[Record], template, out: str | Path, *, lora: LoraSpec,
+              train: TrainSpec, text_mode: str = "input", workers: int = 0, use_gpu: bool = False,
+              deepspeed: dict | None = None, progress: bool = True, callbacks: Sequence = (),
+              storage: str | Path | None = None, name: str = "adapter") -> Path:
+    """One LoRA on `records`: in this process (`workers` 0) or on `workers` Ray Train workers (with
+    DeepSpeed when given). Either way the same artefact lands in `out`; return it."""
+    if workers == 0:
+        return train_adapter(base_path, records, template, out, lora=lora, train=train, text_mode=text_mode,
+                             progress=progress, callbacks=callbacks)
+    job = {"key": name, "records": records, "template": template, "out": str(out)}
+    train_adapters_distributed(base_path, [job], lora=lora, train=train, text_mode=text_mode, workers=workers,
+                               use_gpu=use_gpu, deepspeed=deepspeed, progress=progress, callbacks=callbacks,
+                               storage=storage, name=name)
+    return Path(out)
+
+
 def ray_cpus() -> float:
     import ray
 
@@ -289,16 +305,15 @@ def train_from_config(cfg) -> dict:
     jobs = [{"key": key, "records": rows, "template": template_for((r.instruction for r in rows), cfg.text_mode),
              "out": str(Path(cfg.output) / key)} for key, rows in groups.items()]
     workers = cfg.train_workers()
+    mode = _mode(workers, cfg.deepspeed)
     started = time.monotonic()
     if workers == 0:
-        mode = "single"
         summaries = {}
         for job in jobs:
             out = train_adapter(base, job["records"], job["template"], job["out"], lora=lora, train=train,
                                 text_mode=cfg.text_mode, progress=cfg.progress)
             summaries[job["key"]] = json.loads((out / "training.json").read_text())
     else:
-        mode = "ray_train+deepspeed" if cfg.deepspeed is not None else "ray_train"
         with ray_session():
             summaries = train_adapters_distributed(base, jobs, lora=lora, train=train, text_mode=cfg.text_mode,
                                                    workers=workers, use_gpu=cfg.use_gpu, deepspeed=cfg.deepspeed,
@@ -319,8 +334,18 @@ def _train_selector(cfg, records: list[Record], base: Path, lora: LoraSpec, trai
     catalog = Catalog.load(cfg.catalog)
     if cfg.task:
         records = [r for rows in select_tasks(records, cfg.task).values() for r in rows]
-    new, report = train_selector(catalog, records, cfg.output, base, per_task=cfg.per_task, embed=cfg.embed,
-                                 metric=cfg.metric, prompt=cfg.prompt, text_mode=cfg.text_mode,
-                                 lora=lora, train=train, seed=cfg.train.seed, progress=cfg.progress)
-    return {"kind": "selector", "mode": "single", "workers": 1, "base_model": cfg.base_model,
-            "catalog": str(new.root), "version": new.version, "parent": catalog.version, "selection": report}
+    workers = cfg.train_workers()
+    with ray_session() if workers else contextlib.nullcontext():
+        new, report = train_selector(catalog, records, cfg.output, base, per_task=cfg.per_task, embed=cfg.embed,
+                                     metric=cfg.metric, prompt=cfg.prompt, text_mode=cfg.text_mode,
+                                     lora=lora, train=train, seed=cfg.train.seed, progress=cfg.progress,
+                                     workers=workers, use_gpu=cfg.use_gpu, deepspeed=cfg.deepspeed)
+    summary = json.loads((new.router_path("selector") / "training.json").read_text())
+    return {"kind": "selector", "mode": _mode(workers, cfg.deepspeed), "workers": max(workers, 1),
+            "base_model": cfg.base_model, "catalog": str(new.root), "version": new.version, "parent": catalog.version,
+            "steps": summary["steps"], "final_loss": summary["final_loss"], "distributed": summary.get("distributed"),
+            "selection": report}
+
+
+def _mode(workers: int, deepspeed: dict | None) -> str:
+    return "single" if workers == 0 else "ray_train+deepspeed" if deepspeed is not None else "ray_train"

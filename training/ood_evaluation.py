@@ -54,16 +54,38 @@ def without_tasks(catalog: Catalog, held_out: list[str], out: Path) -> Catalog:
     return derive_catalog(catalog, out, tasks=tasks, index=sub)
 
 
-def retrain(router: str, catalog: Catalog, records: list[Record], out: Path, text_mode: str) -> Catalog:
-    """`catalog` with `router` trained on `records` (of its tasks only), as `train router` would."""
+def retrain(router: str, catalog: Catalog, records: list[Record], out: Path, text_mode: str,
+            recipe: Catalog | None = None) -> Catalog:
+    """`catalog` with `router` trained on `records` (of its tasks only), as `train router` would. The
+    selector is retrained with the recipe of the one in `recipe` (the full catalog's): its base model,
+    selection (per task, embedding, metric, prompt), LoRA and schedule."""
     from . import router_training
 
     if router in ("ensemble", "classifier"):
         return router_training.train_classifier(catalog, records, out, text_mode=text_mode, progress=False)
     if router == "lexical":
         return router_training.train_lexical(catalog, records, out, text_mode=text_mode, progress=False)
+    if router == "selector" and recipe is not None:
+        return _retrain_selector(recipe.router_path("selector"), catalog, records, out)
     raise ValueError(f"retraining the {router!r} router per OOD fold is not supported here; use centroid, "
-                     f"lexical, classifier or ensemble")
+                     f"lexical, classifier, ensemble or selector")
+
+
+def _retrain_selector(trained: Path, catalog: Catalog, records: list[Record], out: Path) -> Catalog:
+    import json
+
+    from routing.base_models import locate_base_model
+
+    from .adapter import DONE_MARKER, LoraSpec, TrainSpec
+    from .selector import selection_config, train_selector
+
+    done = json.loads((trained / DONE_MARKER).read_text())
+    how = selection_config(trained)
+    base = locate_base_model(json.loads((trained / "adapter_config.json").read_text())["base_model_name_or_path"])
+    lora = LoraSpec(**{**done["lora"], "target_modules": tuple(done["lora"]["target_modules"])})
+    return train_selector(catalog, records, out, base, per_task=how["per_task"], embed=how["embed"],
+                          metric=how["metric"], text_mode=how["text_mode"], prompt=how["prompt"], lora=lora,
+                          train=TrainSpec(**done["train"]), progress=False)[0]
 
 
 def evaluate_regime(catalog: Catalog, router: str, texts: list[str], keys: list[str], regime: Regime, *,
@@ -92,7 +114,7 @@ def evaluate_regime(catalog: Catalog, router: str, texts: list[str], keys: list[
                 continue
             sub = without_tasks(catalog, held, Path(tmp) / f"fold{f}")
             sub = retrain(name, sub, [r for r in train_records if r.key not in held], Path(tmp) / f"fold{f}-r",
-                              text_mode)
+                          text_mode, recipe=catalog)
             result = evaluate_routing(make_router(name, sub), [texts[i] for i in rows], [keys[i] for i in rows],
                                       top_k=min(top_k, len(sub.keys)), embed=embed)
             domain += [result["domain_acc"]] * len(rows)

@@ -142,8 +142,18 @@ class _Placement(_Strict):
                              "Ray gives it)")
 
 
-class RunConfig(_Placement):
-    """One training run: adapters (one per task) or the AS selector router."""
+class _Selection(_Strict):
+    """How the AS selector's training data is chosen (`training.selection`): K-means representatives."""
+
+    per_task: int = Field(100, ge=1, description="K-means representatives per task")
+    embed: Literal["encoder", "base-embeddings"] = Field(
+        "encoder", description="what K-means clusters (base-embeddings: the AS paper's way)")
+    metric: Literal["l2", "ip", "cos"] = Field("cos", description="the K-means distance")
+    prompt: Literal["ours", "paper"] = Field("ours", description="the selector's prompt (paper: AS App. A)")
+
+
+class RunConfig(_Placement, _Selection):
+    """One training run: adapters (one per task) or the AS selector router (the selection fields: selector only)."""
 
     kind: Literal["adapters", "selector"] = Field("adapters", description="what to train")
     base_model: str = Field("tiny", description="tiny | tiny-test | smollm2 | a Hugging Face model directory")
@@ -154,11 +164,6 @@ class RunConfig(_Placement):
     train: TrainConfig = TrainConfig()
     output: str = Field(description="adapters: <output>/<domain>/<task>; selector: the new catalog directory")
     catalog: str | None = Field(None, description="selector only: the catalog the selector routes over")
-    per_task: int = Field(100, ge=1, description="selector only: K-means representatives per task")
-    embed: Literal["encoder", "base-embeddings"] = Field(
-        "encoder", description="selector only: what K-means clusters (base-embeddings: the AS paper's way)")
-    metric: Literal["l2", "ip", "cos"] = Field("cos", description="selector only: the K-means distance")
-    prompt: Literal["ours", "paper"] = Field("ours", description="selector only: its prompt (paper: AS App. A)")
     progress: bool = True
 
     @field_validator("output", "catalog")
@@ -174,11 +179,8 @@ class RunConfig(_Placement):
     @model_validator(mode="after")
     def _cross(self) -> "RunConfig":
         self._check_placement(self.train)
-        if self.kind == "selector":
-            if self.catalog is None:
-                raise ValueError("catalog: required when kind is 'selector'")
-            if self.train_workers():
-                raise ValueError("kind 'selector' trains in one process: set workers to 0 and deepspeed to null")
+        if self.kind == "selector" and self.catalog is None:
+            raise ValueError("catalog: required when kind is 'selector'")
         return self
 
 
@@ -191,8 +193,21 @@ class AshaConfig(_Strict):
     reduction_factor: float = Field(2, gt=1)
 
 
+class SelectorSweep(_Selection):
+    """Sweep the AS selector (one LoRA naming the task of every request) instead of per-task adapters."""
+
+    catalog: str = Field(description="the catalog the selector routes over; the best trial becomes its child "
+                                     "version (under the sweep's `catalog` directory)")
+
+    @field_validator("catalog")
+    @classmethod
+    def _absolute(cls, v):
+        return _abspath(v)
+
+
 class SweepConfig(_Placement):
-    """A Ray Tune sweep over variant x r x alpha x lr (x dropout) for every task, best trial per task exported."""
+    """A Ray Tune sweep over variant x r x alpha x lr (x dropout): for every task (its adapter, best trial per
+    task exported), or for the AS selector (`selector:`, best trial exported with the selector inside)."""
 
     base_model: str = "tiny"
     tasks: str = Field(DEMO, description="records path, or 'demo' (train split; the demo val split evaluates)")
@@ -223,6 +238,8 @@ class SweepConfig(_Placement):
                                                   "<output>/catalogs)")
     storage: str | None = Field(None, description="Ray Tune storage_path (shared by all nodes; default <output>/ray)")
     dashboard: bool = Field(True, description="start the Ray dashboard when it is installed")
+    selector: SelectorSweep | None = Field(None, description="sweep the selector over this catalog's tasks; score: "
+                                                             "its routing top-1 on the validation split")
 
     @field_validator("output", "catalog", "storage")
     @classmethod

@@ -22,16 +22,15 @@ import numpy as np
 
 from routing.base_models import locate_base_model
 from routing.catalog import LABELS_FILE, Catalog, CatalogError, TaskEntry, check_new_catalog_dir, derive_catalog
-from routing.decision import RouteRequest
 from routing.encoder import shared_encoder
-from routing.routers import make_router
-from routing.selector_model import (PROMPT_KEY, SELECTION_CONFIG, SELECTOR_MAX_LENGTH, WINDOW_KEY, label_text,
-                                    selector_template, trained_window)
+from routing.selector_model import (PROMPT_KEY, SELECTION_CONFIG, SELECTOR_MAX_LENGTH, WINDOW_KEY, SelectorModel,
+                                    label_text, selector_template, trained_window)
 from routing.task_index import TaskIndex
 from routing.templates import template_for
 
 from .adapter import DONE_MARKER, LoraSpec, TrainSpec, train_adapter
 from .catalog_build import adapter_dir, lora_summary, task_metrics
+from .distributed import train_one
 from .records import Record, TextMode, group_by_task, load_records, write_jsonl
 from .selection import select_representatives
 
@@ -42,22 +41,41 @@ SELECTOR_TRAIN = TrainSpec(max_steps=300, max_length=SELECTOR_MAX_LENGTH)
 EASY = 0.95   # balance: a task the selector routes at least this well on validation is "easy"
 
 
-def _as_selector_examples(records: list[Record], text_mode: TextMode, prompt: str) -> list[Record]:
+def selector_examples(records: list[Record], text_mode: TextMode, prompt: str) -> list[Record]:
     """Request text in, task label out: what the selector learns."""
     return [Record("", r.text(text_mode), label_text(r.key, prompt), r.domain, r.task) for r in records]
 
 
-def _train(selection: list[Record], labels: list[str], base_model_path: Path, how: dict, lora: LoraSpec,
-           train: TrainSpec, progress: bool, workdir: Path, init: Path | None = None) -> Path:
-    how = {**how, WINDOW_KEY: train.max_length}   # the window it is scored on too (SelectorModel reads it)
+def selector_job(selection: list[Record], labels: list[str], how: dict) -> tuple[list[Record], str]:
+    """What the selector LoRA trains on: the selection as (request text -> task label) examples, and
+    its prompt template over `labels`."""
     prompt = how[PROMPT_KEY]
-    artefact = train_adapter(base_model_path, _as_selector_examples(selection, how["text_mode"], prompt),
-                             selector_template(prompt, labels), workdir / "selector", lora=lora, train=train,
-                             progress=progress, init_adapter=init)
+    return selector_examples(selection, how["text_mode"], prompt), selector_template(prompt, labels)
+
+
+def finish_artefact(artefact: Path, selection: list[Record], labels: list[str], how: dict, window: int) -> Path:
+    """Make a trained LoRA directory a selector artefact: the labels it scores, how its data was
+    selected and the window it trained on (the one it is scored on too: SelectorModel reads it), and
+    the selection itself (what an update retains a fraction of)."""
     (artefact / LABELS_FILE).write_text(json.dumps(labels))
-    (artefact / SELECTION_CONFIG).write_text(json.dumps(how, sort_keys=True))
+    (artefact / SELECTION_CONFIG).write_text(json.dumps({**how, WINDOW_KEY: window}, sort_keys=True))
     write_jsonl(selection, artefact / SELECTION_FILE)
     return artefact
+
+
+def _train(selection: list[Record], labels: list[str], base_model_path: Path, how: dict, lora: LoraSpec,
+           train: TrainSpec, progress: bool, workdir: Path, init: Path | None = None, workers: int = 0,
+           use_gpu: bool = False, deepspeed: dict | None = None) -> Path:
+    examples, template = selector_job(selection, labels, how)
+    out = workdir / "selector"
+    if init is not None:   # an update continues the trained selector, in this process
+        artefact = train_adapter(base_model_path, examples, template, out, lora=lora, train=train,
+                                 progress=progress, init_adapter=init)
+    else:
+        artefact = train_one(base_model_path, examples, template, out, lora=lora, train=train, workers=workers,
+                             use_gpu=use_gpu, deepspeed=deepspeed, progress=progress, name="selector",
+                             storage=workdir / ".ray-train")
+    return finish_artefact(artefact, selection, labels, how, train.max_length)
 
 
 def selection_config(selector: Path) -> dict:
@@ -72,10 +90,12 @@ def selection_config(selector: Path) -> dict:
 def train_selector(catalog: Catalog, records: list[Record], out: str | Path, base_model_path: Path, *,
                    per_task: int = 100, embed: str = "encoder", metric: str = "cos", text_mode: TextMode = "input",
                    prompt: str = "ours", lora: LoraSpec = LoraSpec(r=8, alpha=16), train: TrainSpec = SELECTOR_TRAIN,
-                   seed: int = 0, progress: bool = True) -> tuple[Catalog, dict]:
+                   seed: int = 0, progress: bool = True, workers: int = 0, use_gpu: bool = False,
+                   deepspeed: dict | None = None) -> tuple[Catalog, dict]:
     """Select representatives per task (`embed`: encoder | base-embeddings, `metric`: l2 | ip | cos),
     train the selector with `prompt` (ours | paper, `routing.selector_model`), return the new catalog
-    and the selection report."""
+    and the selection report. `workers` >= 1 trains it on Ray Train workers (`deepspeed`: with ZeRO),
+    as adapters train (`training.distributed`); the caller owns the Ray session."""
     check_new_catalog_dir(out)
     unknown = sorted({r.key for r in records} - set(catalog.tasks))
     if unknown:
@@ -85,7 +105,8 @@ def train_selector(catalog: Catalog, records: list[Record], out: str | Path, bas
                                                seed=seed, base_model_path=base_model_path, progress=progress)
     how = {"embed": embed, "metric": metric, "per_task": per_task, "text_mode": text_mode, PROMPT_KEY: prompt}
     with tempfile.TemporaryDirectory() as tmp:
-        artefact = _train(selection, catalog.keys, base_model_path, how, lora, train, progress, Path(tmp))
+        artefact = _train(selection, catalog.keys, base_model_path, how, lora, train, progress, Path(tmp),
+                          workers=workers, use_gpu=use_gpu, deepspeed=deepspeed)
         return derive_catalog(catalog, out, router_dirs={"selector": artefact}), report
 
 
@@ -99,14 +120,16 @@ def retained(selection: list[Record], ratio: dict[str, float], keep: set[str], s
     return out
 
 
-def per_task_accuracy(catalog: Catalog, validation: list[Record], text_mode: TextMode) -> dict[str, float]:
-    """The catalog's selector's top-1 routing accuracy per task on `validation`."""
-    router = make_router("selector", catalog)
+def per_task_accuracy(selector: SelectorModel, validation: list[Record], text_mode: TextMode,
+                      batch_size: int = 32) -> dict[str, float]:
+    """`selector`'s top-1 routing accuracy per task on `validation`: the label it scores highest is the
+    record's task (what the `selector` router's top-1 is)."""
     hits: dict[str, list[float]] = {}
-    for lo in range(0, len(validation), 64):
-        batch = validation[lo: lo + 64]
-        for r, d in zip(batch, router.route([RouteRequest(r.text(text_mode), top_k=1) for r in batch])):
-            hits.setdefault(r.key, []).append(float(d.top == r.key))
+    for lo in range(0, len(validation), batch_size):
+        batch = validation[lo: lo + batch_size]
+        top = selector.log_likelihoods([r.text(text_mode) for r in batch]).argmax(-1).tolist()
+        for r, i in zip(batch, top):
+            hits.setdefault(r.key, []).append(float(selector.labels[i] == r.key))
     return {k: float(np.mean(v)) for k, v in sorted(hits.items())}
 
 
@@ -157,7 +180,7 @@ def update_selector(catalog: Catalog, op: UpdateOp, out: str | Path, base_model_
                              "judge the selector by (--val)")
         if new_keys - keys:
             raise ValueError(f"balance needs more records of existing tasks; unknown: {sorted(new_keys - keys)}")
-        accuracy = per_task_accuracy(catalog, list(validation), how["text_mode"])
+        accuracy = per_task_accuracy(SelectorModel(selector, base_model_path), list(validation), how["text_mode"])
         easy = sorted(k for k in keys if accuracy.get(k, 0.0) >= EASY)
         keep_ratio.update({k: 1.0 for k in keys if k not in easy})
         new_records = [r for r in new_records if r.key not in easy]

@@ -1,7 +1,12 @@
 """Hyper-parameter sweeps with Ray Tune: variant x r x alpha x lr (x dropout, x seeds) for every task,
 ASHA early stopping per task, results table and plot, best adapter per task exported as a catalog.
+With `selector:` in the config the sweep is over the AS selector instead (the paper's Tables 1-2 sweep
+its LoRA variant and rank): one K-means selection shared by every trial, each trial scored by its
+routing top-1 on the validation rows of every task, and the best exported as a child version of the
+catalog it routes over, with that selector inside.
 
     switchboard sweep --config examples/sweep-smoke.yaml
+    switchboard sweep --config examples/sweep-selector.yaml
 
 Each trial trains one adapter (`training.tune_trial.run_trial`: a single process, or Ray Train workers
 with optional DeepSpeed) and reports eval loss and the task metric on validation rows every
@@ -39,6 +44,7 @@ from training.tune_trial import per_task_asha, reports_per_trial, run_trial, tra
 
 NOT_EXPORTED = {"dora": "DoRA is refused by the fused multi-LoRA serving path (magnitude vector: a per-adapter "
                         "path); merging it would change the shared base"}
+SELECTOR = "selector"   # the one "task" of a selector sweep (`selector:` in the config)
 RESUMED = "resumed_for_export"  # stopped by ASHA, later finished because no servable trial of its task completed
 COLUMNS = ["task", "variant", "r", "alpha", "lr", "dropout", "seed", "status", "reports", "step", "eval_loss",
            "score", "train_seconds", "adapter", "trial_id"]
@@ -97,7 +103,8 @@ def _task_metric(key: str) -> str:
 
 # ---- running ------------------------------------------------------------------------------------
 def run_sweep(cfg: SweepConfig) -> dict:
-    """Run the sweep, write results/plot, export the best adapters as a catalog; return the summary.
+    """Run the sweep, write results/plot, export the best adapters (or the best selector) as a catalog
+    version; return the summary.
 
     Uses the Ray cluster the process is connected to (or `RAY_ADDRESS`'s), else starts a local one for
     the length of the sweep. Nothing is printed to stdout (Tune's status tables go to stderr).
@@ -108,28 +115,68 @@ def run_sweep(cfg: SweepConfig) -> dict:
     started = time.monotonic()
     train_groups, val_groups = sweep_data(cfg)
     base = resolve_base_model(cfg.base_model)
+    make_tasks = selector_task if cfg.selector else adapter_tasks
+    tasks = make_tasks(cfg, base, train_groups, val_groups)
     with ray_session(dashboard=cfg.dashboard):
-        return _run(cfg, base, train_groups, val_groups, started)
+        return _run(cfg, base, tasks, started)
 
 
-def _run(cfg: SweepConfig, base: Path, train_groups: dict[str, list[Record]], val_groups: dict[str, list[Record]],
-         started: float) -> dict:
+def adapter_tasks(cfg: SweepConfig, base: Path, train_groups: dict[str, list[Record]],
+                  val_groups: dict[str, list[Record]]) -> dict[str, dict]:
+    """What the trials of each task train on (its rows, its template) and are scored by (its metric)."""
+    from routing.templates import template_for
+
+    return {k: {"train": rows, "val": val_groups[k], "metric": _task_metric(k),
+                "steps": cfg.train.to_spec(1.0).steps_for(len(rows)),
+                "template": template_for((r.instruction for r in rows), cfg.text_mode)}
+            for k, rows in train_groups.items()}
+
+
+def selector_task(cfg: SweepConfig, base: Path, train_groups: dict[str, list[Record]],
+                  val_groups: dict[str, list[Record]]) -> dict[str, dict]:
+    """One "task", `SELECTOR`: the AS selector over the catalog's tasks. Its K-means selection is made
+    once, here, so every trial trains on the same examples; trials are scored by routing top-1 on
+    every task's validation rows."""
+    from routing.catalog import Catalog
+    from training.selection import select_representatives
+    from training.selector import selector_job
+
+    sel = cfg.selector
+    catalog = Catalog.load(sel.catalog)
+    missing = sorted(set(catalog.keys) - set(train_groups))
+    if missing:
+        raise ValueError(f"selector: the catalog routes over {missing} but the data has no records for them")
+    extra = sorted(set(train_groups) - set(catalog.keys))
+    if extra:
+        raise ValueError(f"selector: the data has tasks the catalog {catalog.version} does not: {extra}")
+    how = {"embed": sel.embed, "metric": sel.metric, "per_task": sel.per_task, "text_mode": cfg.text_mode,
+           "prompt": sel.prompt}
+    _log(f"selector: {sel.per_task} representatives a task by {sel.embed}/{sel.metric} K-means")
+    selection, _ = select_representatives([r for rows in train_groups.values() for r in rows], sel.per_task,
+                                          how=sel.embed, metric=sel.metric, text_mode=cfg.text_mode,
+                                          seed=cfg.train.seed, base_model_path=base)
+    examples, template = selector_job(selection, catalog.keys, how)
+    return {SELECTOR: {"train": examples, "val": [r for k in catalog.keys for r in val_groups[k]],
+                       "metric": "route_top1", "steps": cfg.train.to_spec(1.0).steps_for(len(examples)),
+                       "template": template,
+                       "selector": {"labels": catalog.keys, "how": how, "selection": selection,
+                                    "catalog": str(catalog.root)}}}
+
+
+def _run(cfg: SweepConfig, base: Path, tasks: dict[str, dict], started: float) -> dict:
     from ray import tune
 
-    from routing.templates import template_for
     from training.distributed import ray_cpus
 
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
 
     schedule = cfg.train.model_dump()
-    steps = {k: cfg.train.to_spec(1.0).steps_for(len(rows)) for k, rows in train_groups.items()}
-    eval_every = cfg.eval_every or max(1, min(steps.values()) // 4)
-    max_reports = max(reports_per_trial(s, eval_every) for s in steps.values())
+    steps = [task["steps"] for task in tasks.values()]
+    eval_every = cfg.eval_every or max(1, min(steps) // 4)
+    max_reports = max(reports_per_trial(s, eval_every) for s in steps)
     workers = cfg.train_workers()
-    tasks = {k: {"train": rows, "val": val_groups[k], "metric": _task_metric(k), "steps": steps[k],
-                 "template": template_for((r.instruction for r in rows), cfg.text_mode)}
-             for k, rows in train_groups.items()}
+    unservable = {} if cfg.selector else NOT_EXPORTED
     if cfg.use_gpu:  # each trial holds `workers` GPUs while it runs
         import ray
 
@@ -169,13 +216,18 @@ def _run(cfg: SweepConfig, base: Path, train_groups: dict[str, list[Record]], va
     rows = [_row(r) for r in results]
     order = {trial_tag(p) + p["task"]: i for i, p in enumerate(points)}
     rows.sort(key=lambda row: (row["task"], order.get(trial_tag(row) + row["task"], 0)))
-    finish_for_export(rows, cfg.metric, data)
+    finish_for_export(rows, cfg.metric, data, unservable)
     _write_table(rows, out)
-    best, passed_over = pick_best(rows, cfg.metric)
+    best, passed_over = pick_best(rows, cfg.metric, unservable)
     plot = plot_results(rows, out / "sweep.png", cfg.metric, best)
-    catalog = export_best(best, cfg, base, val_groups) if best else None
+    if not best:
+        catalog = None
+    elif cfg.selector:
+        catalog = export_selector(best[SELECTOR], cfg)
+    else:
+        catalog = export_best(best, cfg, base, tasks)
     summary = {
-        "trials": len(rows), "variants": sorted({row["variant"] for row in rows}),
+        "kind": SELECTOR if cfg.selector else "adapters", "trials": len(rows), "variants": sorted({row["variant"] for row in rows}),
         "completed": sum(row["status"] == "completed" for row in rows),
         "stopped_early": sum(row["status"] in ("stopped_early", RESUMED) for row in rows),
         "resumed_for_export": sum(row["status"] == RESUMED for row in rows),
@@ -223,12 +275,12 @@ def _rank(metric: str):
     return key
 
 
-def finish_for_export(rows: list[dict], metric: str, data: dict) -> None:
+def finish_for_export(rows: list[dict], metric: str, data: dict, unservable: dict[str, str]) -> None:
     """A task whose servable trials were all stopped early (DoRA may win every rung) gets its most
     promising servable trial finished here: the one ASHA kept longest, then the best at its last report.
     It resumes from the trial's last checkpoint rather than starting over."""
     for task in sorted({row["task"] for row in rows}):
-        mine = [row for row in rows if row["task"] == task and row["variant"] not in NOT_EXPORTED]
+        mine = [row for row in rows if row["task"] == task and row["variant"] not in unservable]
         if not mine or any(row["status"] == "completed" for row in mine):
             continue
         stopped = [row for row in mine if row["status"] == "stopped_early" and row["eval_loss"] is not None]
@@ -242,30 +294,31 @@ def finish_for_export(rows: list[dict], metric: str, data: dict) -> None:
                    score=_round(final["score"]), adapter=final["adapter"], train_seconds=final["train_seconds"])
 
 
-def pick_best(rows: list[dict], metric: str) -> tuple[dict[str, dict], dict[str, dict]]:
-    """Per task, the best finished, servable trial: highest score (ties: lower eval loss), or lowest
-    eval loss. Also returns, per task, a better trial that was passed over and why."""
+def pick_best(rows: list[dict], metric: str, unservable: dict[str, str]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Per task, the best finished, servable trial (its variant not in `unservable`): highest score
+    (ties: lower eval loss), or lowest eval loss. Also returns, per task, a better trial that was passed
+    over and why."""
     best, passed = {}, {}
     for task in sorted({row["task"] for row in rows}):
         done = sorted((row for row in rows if row["task"] == task and row["adapter"]), key=_rank(metric))
-        servable = [row for row in done if row["variant"] not in NOT_EXPORTED]
+        servable = [row for row in done if row["variant"] not in unservable]
         if servable:
             best[task] = servable[0]
-        if done and done[0]["variant"] in NOT_EXPORTED:
+        if done and done[0]["variant"] in unservable:
             top = done[0]
             passed[task] = {"variant": top["variant"], "r": top["r"], "alpha": top["alpha"], "lr": top["lr"],
-                            metric: top[metric], "reason": NOT_EXPORTED[top["variant"]]}
-            _log(f"{task}: best trial {trial_tag(top)} not exported: {NOT_EXPORTED[top['variant']]}")
+                            metric: top[metric], "reason": unservable[top["variant"]]}
+            _log(f"{task}: best trial {trial_tag(top)} not exported: {unservable[top['variant']]}")
         if task not in best:
             _log(f"{task}: no completed, servable trial; the task is left out of the catalog")
     return best, passed
 
 
-def export_best(best: dict[str, dict], cfg: SweepConfig, base: Path, val_groups: dict[str, list[Record]]):
+def export_best(best: dict[str, dict], cfg: SweepConfig, base: Path, tasks: dict[str, dict]):
     """A new catalog version (content-addressed, under `cfg.catalog_dir`) with each task's best adapter."""
     from training.catalog_build import build_catalog
 
-    records = [r for key in best for r in val_groups[key]]
+    records = [r for key in best for r in tasks[key]["val"]]
     with tempfile.TemporaryDirectory(prefix="sweep-best-") as tmp:
         for key, row in best.items():  # the <domain>/<task> layout build_catalog reads, pointing at the trials
             link = Path(tmp) / key
@@ -273,6 +326,15 @@ def export_best(best: dict[str, dict], cfg: SweepConfig, base: Path, val_groups:
             link.symlink_to(row["adapter"], target_is_directory=True)
         return build_catalog(records, cfg.catalog_dir, adapters=tmp, base_model=(cfg.base_model, base),
                              text_mode=cfg.text_mode, versioned=True)
+
+
+def export_selector(best: dict, cfg: SweepConfig):
+    """The selector's catalog as a new version (content-addressed, under `cfg.catalog_dir`) with the best
+    trial's selector inside: its parent is the catalog the sweep routed over."""
+    from routing.catalog import Catalog, derive_catalog
+
+    return derive_catalog(Catalog.load(cfg.selector.catalog), cfg.catalog_dir,
+                          router_dirs={"selector": Path(best["adapter"])}, versioned=True)
 
 
 # ---- plot ---------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""One sweep trial, as Ray Tune runs it: train an adapter, report eval loss and the task metric every
-`eval_every` steps (the early-stopping scheduler's input, shown live in the Ray dashboard), then score
-the saved adapter once more and report that as the trial's final result.
+"""One sweep trial, as Ray Tune runs it: train an adapter (or the AS selector), report eval loss and the
+score (the task metric; the selector's routing top-1) every `eval_every` steps (the early-stopping
+scheduler's input, shown live in the Ray dashboard), then score the saved artefact once more and report
+that as the trial's final result.
 
 The final score is measured on the adapter as exported (PiSSA already converted to a plain LoRA
 delta on the unmodified base), so the sweep's "best" is the artefact the catalog will serve.
@@ -19,17 +20,16 @@ from transformers import TrainerCallback
 
 from routing.metrics import score
 from routing.templates import render
-from training.adapter import LoraSpec, TrainSpec, _Collator, _encode, generate_answers, train_adapter
+from training.adapter import LoraSpec, TrainSpec, _Collator, _encode, generate_answers
+from training.distributed import train_one
 from training.records import Record
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model, tokenizer, records: list[Record], template: str, text_mode: str, metric: str,
-             max_length: int, batch_size: int = 32) -> dict[str, float]:
-    """Mean answer-token loss (the training loss, on held-out rows) and the task metric of greedy answers."""
-    was_training = model.training
-    model.eval()
+def eval_loss(model, tokenizer, records: list[Record], template: str, text_mode: str, max_length: int,
+              batch_size: int = 32) -> float:
+    """Mean answer-token loss (the training loss) on held-out rows."""
     examples, _ = _encode(tokenizer, records, template, text_mode, max_length)
     collate = _Collator(tokenizer.pad_token_id)
     total, tokens = 0.0, 0
@@ -38,25 +38,45 @@ def evaluate(model, tokenizer, records: list[Record], template: str, text_mode: 
         n = int((batch["labels"][:, 1:] != -100).sum())  # tokens the loss averages over (shifted labels)
         total += model(**batch).loss.item() * n
         tokens += n
-    answer_tokens = max(len(tokenizer(r.output, add_special_tokens=False)["input_ids"]) for r in records)
-    prompts = [render(template, r.text(text_mode)) for r in records]
-    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=answer_tokens + 2)
-    result = {"eval_loss": total / max(tokens, 1),
-              "score": sum(score(metric, a, r.output) for a, r in zip(answers, records)) / len(records)}
+    return total / max(tokens, 1)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, task: dict, text_mode: str, max_length: int) -> dict[str, float]:
+    """A trial's figures on its task's validation rows: the eval loss, and the score: the task metric
+    of greedy answers, or for the selector (`task["selector"]`) its routing top-1, macro over tasks,
+    scored exactly as the `selector` router scores (`routing.selector_model`)."""
+    was_training = model.training
+    model.eval()
+    records, selector = task["val"], task.get("selector")
+    if selector is None:
+        loss = eval_loss(model, tokenizer, records, task["template"], text_mode, max_length)
+        answer_tokens = max(len(tokenizer(r.output, add_special_tokens=False)["input_ids"]) for r in records)
+        prompts = [render(task["template"], r.text(text_mode)) for r in records]
+        answers = generate_answers(model, tokenizer, prompts, max_new_tokens=answer_tokens + 2)
+        value = sum(score(task["metric"], a, r.output) for a, r in zip(answers, records)) / len(records)
+    else:
+        from routing.selector_model import SelectorModel
+        from training.selector import per_task_accuracy, selector_examples
+
+        how = selector["how"]
+        loss = eval_loss(model, tokenizer, selector_examples(records, text_mode, how["prompt"]), task["template"],
+                         "input", max_length)
+        judge = SelectorModel.over(model, tokenizer, selector["labels"], how["prompt"], max_length)
+        accuracy = per_task_accuracy(judge, records, text_mode)
+        value = sum(accuracy.values()) / len(accuracy)
     model.train(was_training)
-    return result
+    return {"eval_loss": loss, "score": value}
 
 
-def evaluate_saved(base_path: Path, adapter: Path, records: list[Record], template: str, text_mode: str,
-                   metric: str, max_length: int) -> dict[str, float]:
+def evaluate_saved(base_path: Path, adapter: Path, task: dict, text_mode: str, max_length: int) -> dict[str, float]:
     """`evaluate` on an adapter directory loaded onto a fresh copy of the base model."""
     from peft import PeftModel
 
     from routing.base_models import load_causal_lm
 
     model, tokenizer = load_causal_lm(base_path)
-    return evaluate(PeftModel.from_pretrained(model, str(adapter)), tokenizer, records, template, text_mode, metric,
-                    max_length)
+    return evaluate(PeftModel.from_pretrained(model, str(adapter)), tokenizer, task, text_mode, max_length)
 
 
 class TrialMetrics:
@@ -90,11 +110,10 @@ class ReportEvery(TrainerCallback):
     `ray.train.report` on every rank of a Ray Train worker group (a collective call there); rank 0 also sets
     the trial's Ray metrics (`exported`)."""
 
-    def __init__(self, base_path: Path, records: list[Record], template: str, text_mode: str, metric: str,
-                 max_length: int, every: int, steps: int, distributed: bool, exported: TrialMetrics | None = None):
-        self.base_path, self.records, self.template, self.text_mode = base_path, records, template, text_mode
-        self.metric, self.max_length, self.every, self.steps, self.distributed = (metric, max_length, every, steps,
-                                                                                  distributed)
+    def __init__(self, base_path: Path, task: dict, text_mode: str, max_length: int, every: int, steps: int,
+                 distributed: bool, exported: TrialMetrics | None = None):
+        self.base_path, self.task, self.text_mode, self.max_length = base_path, task, text_mode, max_length
+        self.every, self.steps, self.distributed = every, steps, distributed
         self.exported = exported
         self.tokenizer = None
 
@@ -108,8 +127,7 @@ class ReportEvery(TrainerCallback):
                 from routing.base_models import load_tokenizer
 
                 self.tokenizer = load_tokenizer(self.base_path)
-            metrics = evaluate(model, self.tokenizer, self.records, self.template, self.text_mode, self.metric,
-                               self.max_length)
+            metrics = evaluate(model, self.tokenizer, self.task, self.text_mode, self.max_length)
         metrics.update(step=step, final=False)
         if self.exported is not None and state.is_world_process_zero:
             self.exported.report(metrics)
@@ -143,18 +161,15 @@ def train_point(point: dict, data: dict, callbacks: list = ()) -> dict:
     task, s, base_path = data["tasks"][point["task"]], data["settings"], Path(data["base_path"])
     lora, train, out = trial_specs(point, data)
     started = time.monotonic()
-    if s["workers"] > 0:
-        from training.distributed import train_adapters_distributed
+    selector = task.get("selector")
+    train_one(base_path, task["train"], task["template"], out, lora=lora, train=train,
+              text_mode="input" if selector else s["text_mode"], workers=s["workers"], use_gpu=s["use_gpu"],
+              deepspeed=s["deepspeed"], progress=False, callbacks=callbacks, storage=s["storage"], name="trial")
+    if selector:
+        from training.selector import finish_artefact
 
-        job = {"key": point["task"], "records": task["train"], "template": task["template"], "out": str(out)}
-        train_adapters_distributed(base_path, [job], lora=lora, train=train, text_mode=s["text_mode"],
-                                   workers=s["workers"], use_gpu=s["use_gpu"], deepspeed=s["deepspeed"],
-                                   progress=False, callbacks=callbacks, storage=s["storage"], name="trial")
-    else:
-        train_adapter(base_path, task["train"], task["template"], out, lora=lora, train=train,
-                      text_mode=s["text_mode"], progress=False, callbacks=callbacks)
-    final = evaluate_saved(base_path, out, task["val"], task["template"], s["text_mode"], task["metric"],
-                           train.max_length)
+        finish_artefact(out, selector["selection"], selector["labels"], selector["how"], train.max_length)
+    final = evaluate_saved(base_path, out, task, s["text_mode"], train.max_length)
     return {**final, "step": task["steps"], "adapter": str(out), "train_seconds": round(time.monotonic() - started, 2)}
 
 
@@ -167,9 +182,8 @@ def run_trial(config: dict, data: dict) -> None:
     torch.set_num_threads(s["threads"])
     _, train, _ = trial_specs(point, data)
     exported = TrialMetrics(point["task"], trial_tag(point))
-    reporter = ReportEvery(Path(data["base_path"]), task["val"], task["template"], s["text_mode"], task["metric"],
-                           train.max_length, s["eval_every"], task["steps"], distributed=s["workers"] > 0,
-                           exported=exported)
+    reporter = ReportEvery(Path(data["base_path"]), task, s["text_mode"], train.max_length, s["eval_every"],
+                           task["steps"], distributed=s["workers"] > 0, exported=exported)
     final = train_point(point, data, [reporter])
     exported.report(final)
     tune.report({**final, "final": True})
