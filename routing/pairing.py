@@ -6,8 +6,11 @@ top fraction `keep`, and grows the sample by `growth` after `warmup` rounds, unt
 the last two end with the best of the last round. The caller's `score` sees all survivors and the
 round's samples at once, so it can evaluate them as one mixed multi-adapter batch.
 
-A cut that falls between equal scores is decided by candidate order, not by the metric; the result
-says so (`tied`), so a caller can warn that the pool could not be told apart on this data.
+A cut between candidates that tie with the round's best score is decided by candidate order, not by
+the metric, and so is a final pick between equal scores; the result says so (`tied`), so a caller can
+warn that the pool could not be told apart on this data. A tie below a clear leader (the usual case on
+label tasks: one adapter at 1.0, the others at 0.0, one of the zeros kept by order) decides only who
+loses to the leader next round, so it is not one.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ class HalvingResult:
     winner: str
     rounds: list[dict]         # per round: samples, scores of every candidate evaluated
     evaluations: int           # candidate x sample evaluations spent
-    tied: bool = False         # some cut (or the final pick) fell between equal scores: decided by order
+    tied: bool = False         # the leader could not be told apart: decided by order (module docstring)
 
     def to_dict(self) -> dict:
         return {"winner": self.winner, "rounds": self.rounds, "evaluations": self.evaluations, "tied": self.tied}
@@ -74,7 +77,7 @@ def successive_halving(candidates: list[str], n_samples: int, score: Score,
         # At least one candidate drops each round (keep = 0.6 of 2 would otherwise keep both forever).
         q = min(len(alive) - 1, max(1, math.ceil(config.keep * len(alive))))
         ranked = sorted(alive, key=lambda c: -scores[c])
-        tied |= scores[ranked[q - 1]] == scores[ranked[q]]
+        tied |= scores[ranked[0]] == scores[ranked[q - 1]] == scores[ranked[q]]
         alive = ranked[:q]
         r += 1
     # Stopped by R or the budget with several left: the best of the last round (ranked first) wins.

@@ -51,6 +51,14 @@ def test_halving_budget_rounds_and_ties():
                                                                    **{c: quality[c] for c in cands if c in "be"}},
                              HalvingConfig(keep=0.4))
     assert res.winner == "b" and not res.tied
+    # A tie at the cut below a clear leader (TASA's label tasks: own adapter 1.0, the others 0.0) is not
+    # one: one of the zeros is kept by order, but only to lose to the leader.
+    res = successive_halving(["w", "x", "y", "z"], 100, lambda cands, s: {c: float(c == "y") for c in cands})
+    assert res.winner == "y" and not res.tied and res.rounds[0]["scores"] == {"w": 0.0, "x": 0.0, "y": 1.0, "z": 0.0}
+    # ... but one tied with the leader is: the cut between them falls by order.
+    res = successive_halving(["w", "x", "y", "z"], 100, lambda cands, s: {c: float(c in "xyz") for c in cands},
+                             HalvingConfig(keep=0.5))
+    assert res.winner == "x" and res.tied
 
 
 def test_answers_are_long_enough_for_long_answer_metrics(tiny_base):

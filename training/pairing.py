@@ -104,8 +104,8 @@ def pair_tasks(base_dir: Path, pool: dict[str, Path], groups: dict[str, list[Rec
     for k, res in results.items():
         print(f"  {k}: {res.winner} ({res.evaluations} evaluations over {len(res.rounds)} rounds)", file=sys.stderr)
         if res.tied:
-            print(f"  warning: {k}: candidates tied on {tasks[k].metric!r} at a cut; {res.winner} won by "
-                  f"pool order, not by score (more samples, or another metric?)", file=sys.stderr)
+            print(f"  warning: {k}: candidates tied with the best {tasks[k].metric!r} at a cut; {res.winner} won "
+                  f"by pool order, not by score (more samples, or another metric?)", file=sys.stderr)
     return results
 
 
