@@ -159,8 +159,7 @@ def selector_task(cfg: SweepConfig, base: Path, train_groups: dict[str, list[Rec
     return {SELECTOR: {"train": examples, "val": [r for k in catalog.keys for r in val_groups[k]],
                        "metric": "route_top1", "steps": cfg.train.to_spec(1.0).steps_for(len(examples)),
                        "template": template,
-                       "selector": {"labels": catalog.keys, "how": how, "selection": selection,
-                                    "catalog": str(catalog.root)}}}
+                       "selector": {"labels": catalog.keys, "how": how, "selection": selection}}}
 
 
 def _run(cfg: SweepConfig, base: Path, tasks: dict[str, dict], started: float) -> dict:
@@ -227,7 +226,8 @@ def _run(cfg: SweepConfig, base: Path, tasks: dict[str, dict], started: float) -
     else:
         catalog = export_best(best, cfg, base, tasks)
     summary = {
-        "kind": SELECTOR if cfg.selector else "adapters", "trials": len(rows), "variants": sorted({row["variant"] for row in rows}),
+        "kind": SELECTOR if cfg.selector else "adapters", "trials": len(rows),
+        "variants": sorted({row["variant"] for row in rows}),
         "completed": sum(row["status"] == "completed" for row in rows),
         "stopped_early": sum(row["status"] in ("stopped_early", RESUMED) for row in rows),
         "resumed_for_export": sum(row["status"] == RESUMED for row in rows),
