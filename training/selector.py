@@ -121,7 +121,7 @@ def retained(selection: list[Record], ratio: dict[str, float], keep: set[str], s
 
 
 def per_task_accuracy(selector: SelectorModel, validation: list[Record], text_mode: TextMode,
-                      batch_size: int = 32) -> dict[str, float]:
+                      batch_size: int = 16) -> dict[str, float]:
     """`selector`'s top-1 routing accuracy per task on `validation`: the label it scores highest is the
     record's task (what the `selector` router's top-1 is)."""
     hits: dict[str, list[float]] = {}

@@ -28,8 +28,9 @@ from training.records import Record
 # ---- evaluation ---------------------------------------------------------------------------------
 @torch.no_grad()
 def eval_loss(model, tokenizer, records: list[Record], template: str, text_mode: str, max_length: int,
-              batch_size: int = 32) -> float:
-    """Mean answer-token loss (the training loss) on held-out rows."""
+              batch_size: int = 8) -> float:
+    """Mean answer-token loss (the training loss) on held-out rows. Small batches: a trial evaluates
+    beside its training state, and full-vocabulary logits of 32 rows cost GBs on a 2-core, 24 GB node."""
     examples, _ = _encode(tokenizer, records, template, text_mode, max_length)
     collate = _Collator(tokenizer.pad_token_id)
     total, tokens = 0.0, 0
