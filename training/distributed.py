@@ -252,12 +252,15 @@ def train_adapters_distributed(base_path: str | Path, jobs: list[Job], *, lora: 
 def train_one(base_path: str | Path, records: list[Record], template, out: str | Path, *, lora: LoraSpec,
               train: TrainSpec, text_mode: str = "input", workers: int = 0, use_gpu: bool = False,
               deepspeed: dict | None = None, progress: bool = True, callbacks: Sequence = (),
-              storage: str | Path | None = None, name: str = "adapter") -> Path:
+              storage: str | Path | None = None, name: str = "adapter", init_adapter: Path | None = None) -> Path:
     """One LoRA on `records`: in this process (`workers` 0) or on `workers` Ray Train workers (with
-    DeepSpeed when given). Either way the same artefact lands in `out`; return it."""
+    DeepSpeed when given). Either way the same artefact lands in `out`; return it. `init_adapter`
+    (continue a saved adapter, as selector updates do) runs in this process."""
     if workers == 0:
         return train_adapter(base_path, records, template, out, lora=lora, train=train, text_mode=text_mode,
-                             progress=progress, callbacks=callbacks)
+                             progress=progress, callbacks=callbacks, init_adapter=init_adapter)
+    if init_adapter is not None:
+        raise ValueError("continuing a saved adapter (init_adapter) runs in one process: set workers to 0")
     job = {"key": name, "records": records, "template": template, "out": str(out)}
     train_adapters_distributed(base_path, [job], lora=lora, train=train, text_mode=text_mode, workers=workers,
                                use_gpu=use_gpu, deepspeed=deepspeed, progress=progress, callbacks=callbacks,

@@ -28,7 +28,7 @@ from routing.selector_model import (PROMPT_KEY, SELECTION_CONFIG, SELECTOR_MAX_L
 from routing.task_index import TaskIndex
 from routing.templates import template_for
 
-from .adapter import DONE_MARKER, LoraSpec, TrainSpec, train_adapter
+from .adapter import DONE_MARKER, LoraSpec, TrainSpec
 from .catalog_build import adapter_dir, lora_summary, task_metrics
 from .distributed import train_one
 from .records import Record, TextMode, group_by_task, load_records, write_jsonl
@@ -67,14 +67,9 @@ def _train(selection: list[Record], labels: list[str], base_model_path: Path, ho
            train: TrainSpec, progress: bool, workdir: Path, init: Path | None = None, workers: int = 0,
            use_gpu: bool = False, deepspeed: dict | None = None) -> Path:
     examples, template = selector_job(selection, labels, how)
-    out = workdir / "selector"
-    if init is not None:   # an update continues the trained selector, in this process
-        artefact = train_adapter(base_model_path, examples, template, out, lora=lora, train=train,
-                                 progress=progress, init_adapter=init)
-    else:
-        artefact = train_one(base_model_path, examples, template, out, lora=lora, train=train, workers=workers,
-                             use_gpu=use_gpu, deepspeed=deepspeed, progress=progress, name="selector",
-                             storage=workdir / ".ray-train")
+    artefact = train_one(base_model_path, examples, template, workdir / "selector", lora=lora, train=train,
+                         workers=workers, use_gpu=use_gpu, deepspeed=deepspeed, progress=progress, name="selector",
+                         storage=workdir / ".ray-train", init_adapter=init)
     return finish_artefact(artefact, selection, labels, how, train.max_length)
 
 
