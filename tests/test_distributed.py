@@ -102,6 +102,11 @@ def test_placement_checks():
     assert run_config(output="x", workers=1).train_workers() == 0        # one worker = a single process
     assert run_config(output="x", workers=2, train=TRAIN).train_workers() == 2
     assert run_config(output="x", workers=0, deepspeed={}).train_workers() == 1  # DeepSpeed always runs under Ray
+    from training.adapter import LoraSpec, TrainSpec
+    from training.distributed import train_one
+
+    with pytest.raises(ValueError, match="init_adapter.*one process"):   # refused before anything starts
+        train_one("base", [], "{text}", "out", lora=LoraSpec(), train=TrainSpec(), workers=2, init_adapter=Path("a"))
 
 
 def test_train_from_config_selector(ray_local, tmp_path, tiny_base, encoder):
