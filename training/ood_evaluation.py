@@ -65,7 +65,9 @@ def retrain(router: str, catalog: Catalog, records: list[Record], out: Path, tex
         return router_training.train_classifier(catalog, records, out, text_mode=text_mode, progress=False)
     if router == "lexical":
         return router_training.train_lexical(catalog, records, out, text_mode=text_mode, progress=False)
-    if router == "selector" and recipe is not None:
+    if router == "selector":
+        if recipe is None:
+            raise ValueError("retraining the selector needs `recipe`: the catalog whose selector it copies")
         return _retrain_selector(recipe.router_path("selector"), catalog, records, out)
     raise ValueError(f"retraining the {router!r} router per OOD fold is not supported here; use centroid, "
                      f"lexical, classifier, ensemble or selector")
