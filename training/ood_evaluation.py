@@ -74,20 +74,12 @@ def retrain(router: str, catalog: Catalog, records: list[Record], out: Path, tex
 
 
 def _retrain_selector(trained: Path, catalog: Catalog, records: list[Record], out: Path) -> Catalog:
-    import json
+    from .selector import train_selector, trained_recipe
 
-    from routing.base_models import locate_base_model
-
-    from .adapter import DONE_MARKER, LoraSpec, TrainSpec
-    from .selector import selection_config, train_selector
-
-    done = json.loads((trained / DONE_MARKER).read_text())
-    how = selection_config(trained)
-    base = locate_base_model(json.loads((trained / "adapter_config.json").read_text())["base_model_name_or_path"])
-    lora = LoraSpec(**{**done["lora"], "target_modules": tuple(done["lora"]["target_modules"])})
+    base, lora, train, how = trained_recipe(trained)
     return train_selector(catalog, records, out, base, per_task=how["per_task"], embed=how["embed"],
                           metric=how["metric"], text_mode=how["text_mode"], prompt=how["prompt"], lora=lora,
-                          train=TrainSpec(**done["train"]), progress=False)[0]
+                          train=train, progress=False)[0]
 
 
 def evaluate_regime(catalog: Catalog, router: str, texts: list[str], keys: list[str], regime: Regime, *,

@@ -82,6 +82,28 @@ def selection_config(selector: Path) -> dict:
             **recorded}
 
 
+def select_for_selector(records: list[Record], labels: list[str], base_model_path: Path, *, per_task: int,
+                        embed: str, metric: str, text_mode: TextMode, prompt: str, seed: int = 0,
+                        progress: bool = True) -> tuple[list[Record], dict, dict]:
+    """The selector's training data, K-means representatives of every task, with `how` they were chosen
+    (what its artefact records and updates reuse) and the selection report."""
+    selector_template(prompt, labels)   # an unknown prompt fails before the selection runs
+    selection, report = select_representatives(records, per_task, how=embed, metric=metric, text_mode=text_mode,
+                                               seed=seed, base_model_path=base_model_path, progress=progress)
+    how = {"embed": embed, "metric": metric, "per_task": per_task, "text_mode": text_mode, PROMPT_KEY: prompt}
+    return selection, how, report
+
+
+def trained_recipe(selector: Path, base_model_path: Path | None = None) -> tuple[Path, LoraSpec, TrainSpec, dict]:
+    """How the selector at `selector` was trained: its base model (`base_model_path`, or else the cached
+    one of the id it records), its LoRA, its schedule and how its data was selected."""
+    trained_on = json.loads((selector / "adapter_config.json").read_text())["base_model_name_or_path"]
+    done = json.loads((selector / DONE_MARKER).read_text())   # recorded as what it is: its rank, ...
+    lora = LoraSpec(**{**done["lora"], "target_modules": tuple(done["lora"]["target_modules"])})
+    return (locate_base_model(trained_on, base_model_path), lora, TrainSpec(**done["train"]),
+            selection_config(selector))
+
+
 def train_selector(catalog: Catalog, records: list[Record], out: str | Path, base_model_path: Path, *,
                    per_task: int = 100, embed: str = "encoder", metric: str = "cos", text_mode: TextMode = "input",
                    prompt: str = "ours", lora: LoraSpec = LoraSpec(r=8, alpha=16), train: TrainSpec = SELECTOR_TRAIN,
@@ -95,10 +117,9 @@ def train_selector(catalog: Catalog, records: list[Record], out: str | Path, bas
     unknown = sorted({r.key for r in records} - set(catalog.tasks))
     if unknown:
         raise CatalogError(f"records name tasks the catalog does not have: {unknown}")
-    selector_template(prompt, catalog.keys)   # an unknown prompt fails before the selection runs
-    selection, report = select_representatives(records, per_task, how=embed, metric=metric, text_mode=text_mode,
-                                               seed=seed, base_model_path=base_model_path, progress=progress)
-    how = {"embed": embed, "metric": metric, "per_task": per_task, "text_mode": text_mode, PROMPT_KEY: prompt}
+    selection, how, report = select_for_selector(records, catalog.keys, base_model_path, per_task=per_task,
+                                                 embed=embed, metric=metric, text_mode=text_mode, prompt=prompt,
+                                                 seed=seed, progress=progress)
     with tempfile.TemporaryDirectory() as tmp:
         artefact = _train(selection, catalog.keys, base_model_path, how, lora, train, progress, Path(tmp),
                           workers=workers, use_gpu=use_gpu, deepspeed=deepspeed)
@@ -150,11 +171,8 @@ def update_selector(catalog: Catalog, op: UpdateOp, out: str | Path, base_model_
     if not 0 <= ratio <= 1:
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
     selector = catalog.router_path("selector")
-    trained_on = json.loads((selector / "adapter_config.json").read_text())["base_model_name_or_path"]
-    base_model_path = locate_base_model(trained_on, base_model_path)
-    lora = json.loads((selector / DONE_MARKER).read_text())["lora"]   # recorded as what it is: its rank, ...
-    lora = LoraSpec(**{**lora, "target_modules": tuple(lora["target_modules"])})
-    how = {**selection_config(selector), **({"per_task": per_task} if per_task else {})}
+    base_model_path, lora, _, how = trained_recipe(selector, base_model_path)
+    how = {**how, **({"per_task": per_task} if per_task else {})}
     train = replace(train, max_length=trained_window(selector))   # the window it learned and is scored on
     old = load_records(selector / SELECTION_FILE)
     new_keys = {r.key for r in new_records}

@@ -138,8 +138,7 @@ def selector_task(cfg: SweepConfig, base: Path, train_groups: dict[str, list[Rec
     once, here, so every trial trains on the same examples; trials are scored by routing top-1 on
     every task's validation rows."""
     from routing.catalog import Catalog
-    from training.selection import select_representatives
-    from training.selector import selector_job
+    from training.selector import select_for_selector, selector_job
 
     sel = cfg.selector
     catalog = Catalog.load(sel.catalog)
@@ -149,12 +148,10 @@ def selector_task(cfg: SweepConfig, base: Path, train_groups: dict[str, list[Rec
     extra = sorted(set(train_groups) - set(catalog.keys))
     if extra:
         raise ValueError(f"selector: the data has tasks the catalog {catalog.version} does not: {extra}")
-    how = {"embed": sel.embed, "metric": sel.metric, "per_task": sel.per_task, "text_mode": cfg.text_mode,
-           "prompt": sel.prompt}
     _log(f"selector: {sel.per_task} representatives a task by {sel.embed}/{sel.metric} K-means")
-    selection, _ = select_representatives([r for rows in train_groups.values() for r in rows], sel.per_task,
-                                          how=sel.embed, metric=sel.metric, text_mode=cfg.text_mode,
-                                          seed=cfg.train.seed, base_model_path=base)
+    selection, how, _ = select_for_selector([r for rows in train_groups.values() for r in rows], catalog.keys, base,
+                                            per_task=sel.per_task, embed=sel.embed, metric=sel.metric,
+                                            text_mode=cfg.text_mode, prompt=sel.prompt, seed=cfg.train.seed)
     examples, template = selector_job(selection, catalog.keys, how)
     return {SELECTOR: {"train": examples, "val": [r for k in catalog.keys for r in val_groups[k]],
                        "metric": "route_top1", "steps": cfg.train.to_spec(1.0).steps_for(len(examples)),
